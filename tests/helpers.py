@@ -1,0 +1,56 @@
+"""Shared test helpers: import a script as a module, run it as a subprocess, read its TensorBoard scalars."""
+
+import functools
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ["dqn_cartpole", "dqn_atari", "dqn_atari_dueling_per"]
+
+
+@functools.cache
+def load_script(name: str):
+    """Imports ROOT/{name}.py once (the scripts have no top-level side effects)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_script(name: str, *args, cwd, timeout: float = 600, env: dict | None = None, wait: bool = True):
+    """Runs `python {name}.py args...` in cwd; returns the CompletedProcess (or the Popen if wait=False)."""
+    cmd = [sys.executable, str(ROOT / f"{name}.py"), *map(str, args)]
+    full_env = {**os.environ, "WANDB_MODE": "offline", **(env or {})}
+    if not wait:
+        return subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def finished_counts(stdout: str) -> dict:
+    """Parses the scripts' closing line: 'finished NAME: S steps, U gradient updates, T target syncs ...'."""
+    m = re.search(r"finished \S+: (\d+) steps, (\d+) gradient updates, (\d+) target syncs", stdout)
+    assert m, f"no closing line in output:\n{stdout}"
+    return dict(zip(["steps", "updates", "target_syncs"], map(int, m.groups())))
+
+
+def read_scalars(run_dir, tag: str) -> list[tuple[int, float]]:
+    """(step, value) pairs of one TensorBoard tag across all event files of a run directory."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    if tag not in acc.Tags()["scalars"]:
+        return []
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+def read_tags(run_dir) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    return set(acc.Tags()["scalars"]) | {f"text:{t}" for t in acc.Tags().get("tensors", [])}

@@ -1,0 +1,275 @@
+"""dqn_cartpole.py: unit tests of its pieces, autoreset/truncation handling end to end, smoke, reproducibility,
+learning, play mode, and bad input."""
+
+import os
+
+import cv2
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from helpers import finished_counts, load_script, read_scalars, read_tags, run_script
+
+dqn = load_script("dqn_cartpole")
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+# ---------------------------------------------------------------- pieces
+@pytest.mark.parametrize("device", DEVICES)
+def test_replay_buffer_add_sample_and_wrap_around(device):
+    rb = dqn.ReplayBuffer(capacity=5, obs_dim=3, device=torch.device(device))
+    obs = np.arange(7 * 3, dtype=np.float32).reshape(7, 3)
+    rb.add(obs[:4], obs[:4] + 100, np.arange(4), np.arange(4) * 0.5, np.array([0, 1, 0, 0], dtype=bool))
+    assert (rb.pos, rb.size) == (4, 4)
+    rb.add(obs[4:], obs[4:] + 100, np.arange(4, 7), np.arange(4, 7) * 0.5, np.zeros(3, dtype=bool))
+    # 7 transitions into 5 slots: rows 5 and 6 overwrote the two oldest (0 and 1), in ring order.
+    assert (rb.pos, rb.size) == (2, 5)
+    assert rb.rows[:, -3].tolist() == [5, 6, 2, 3, 4]  # the action column
+    assert torch.equal(rb.rows[0, :3].cpu(), torch.tensor(obs[5]))
+    assert rb.rows[:, -1].tolist() == [0, 0, 0, 0, 0]  # the done of transition 1 left with it
+    data = rb.sample(64)
+    for field, dtype in zip(data, [torch.float32, torch.int64, torch.float32, torch.float32, torch.float32]):
+        assert field.dtype == dtype and field.device.type == device and field.shape[0] == 64
+    # every sampled row is one stored transition, fields aligned
+    assert torch.equal(data.next_observations, data.observations + 100)
+    assert torch.equal(data.rewards, data.actions.float() * 0.5)
+    assert set(data.actions.tolist()) <= {2, 3, 4, 5, 6}
+
+
+def test_replay_buffer_never_samples_unwritten_rows():
+    rb = dqn.ReplayBuffer(capacity=100, obs_dim=1, device=torch.device("cpu"))
+    rb.add(np.ones((3, 1)), np.ones((3, 1)), np.array([7, 7, 7]), np.zeros(3), np.zeros(3))
+    assert set(rb.sample(1000).actions.tolist()) == {7}
+
+
+def test_linear_schedule_endpoints():
+    assert dqn.linear_schedule(1.0, 0.05, 1000, 0) == 1.0
+    assert dqn.linear_schedule(1.0, 0.05, 1000, 500) == pytest.approx(0.525)
+    assert dqn.linear_schedule(1.0, 0.05, 1000, 1000) == pytest.approx(0.05)
+    assert dqn.linear_schedule(1.0, 0.05, 1000, 10**6) == 0.05
+
+
+def test_crossed_counts_each_multiple_once_whatever_num_envs():
+    assert [s for s in range(1, 31) if dqn.crossed(s, 1, 10)] == [10, 20, 30]
+    assert [s for s in range(4, 41, 4) if dqn.crossed(s, 4, 10)] == [12, 20, 32, 40]
+    assert not any(dqn.crossed(s, 1, 0) for s in range(1, 50))
+
+
+def test_td_target_matches_hand_computation():
+    target = dqn.QNetwork(obs_dim=2, n_actions=3, hidden_sizes=(4,))
+    with torch.no_grad():  # make Q_target(s') = s' @ W + b exactly: one linear layer through ReLU of positive inputs
+        for p in target.parameters():
+            p.zero_()
+        target.network[0].weight.copy_(torch.tensor([[1.0, 0], [0, 1.0], [0, 0], [0, 0]]))
+        target.network[2].weight.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0.5, 0.5, 0, 0]]))
+    next_obs = torch.tensor([[2.0, 1.0], [0.0, 3.0], [4.0, 4.0]])  # Q_target = [[2,1,1.5],[0,3,1.5],[4,4,4]]
+    rewards = torch.tensor([1.0, -1.0, 0.5])
+    dones = torch.tensor([0.0, 0.0, 1.0])
+    y = dqn.compute_td_target(target, rewards, next_obs, dones, gamma=0.9)
+    assert torch.allclose(y, torch.tensor([1.0 + 0.9 * 2, -1.0 + 0.9 * 3, 0.5]))
+    assert not y.requires_grad
+
+
+def test_target_sync_hard_and_soft():
+    torch.manual_seed(0)
+    q, target = dqn.QNetwork(3, 2, (8,)), dqn.QNetwork(3, 2, (8,))
+    before = [p.clone() for p in target.parameters()]
+    dqn.update_target(target, q, tau=0.25)
+    for t, b, p in zip(target.parameters(), before, q.parameters()):
+        assert torch.allclose(t, 0.25 * p + 0.75 * b)
+    dqn.update_target(target, q, tau=1.0)
+    for t, p in zip(target.parameters(), q.parameters()):
+        assert torch.equal(t, p)
+
+
+def test_checkpoint_write_is_atomic(tmp_path):
+    path = str(tmp_path / "checkpoint.pt")
+    dqn.save_checkpoint(path, {"global_step": 1})
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError):
+        dqn.save_checkpoint(path, {"global_step": 2, "junk": Unpicklable()})
+    assert torch.load(path, weights_only=True) == {"global_step": 1}
+
+
+# ---------------------------------------------------------------- autoreset and truncation, end to end
+class CountingEnv(gym.Env):
+    """obs = [episode, t]; even episodes terminate at t = 5, odd ones run into the TimeLimit at t = 7."""
+
+    observation_space = gym.spaces.Box(-np.inf, np.inf, (2,), np.float32)
+    action_space = gym.spaces.Discrete(2)
+
+    def __init__(self):
+        self.episode = -1
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.episode, self.t = self.episode + 1, 0
+        return self._obs(), {}
+
+    def step(self, action):
+        self.t += 1
+        return self._obs(), float(self.t), self.episode % 2 == 0 and self.t == 5, False, {}
+
+    def _obs(self):
+        return np.array([self.episode, self.t], dtype=np.float32)
+
+
+gym.register("tests/Counting-v0", entry_point=CountingEnv, max_episode_steps=7)
+
+
+@pytest.mark.parametrize("num_envs", [1, 3])
+def test_reset_steps_are_not_stored_and_truncation_bootstraps(tmp_path, monkeypatch, num_envs):
+    monkeypatch.chdir(tmp_path)
+    total = 120
+    dqn.main(dqn.Args(env_id="tests/Counting-v0", num_envs=num_envs, total_timesteps=total, learning_starts=40,
+                      buffer_size=1000, batch_size=8, eval_frequency=0, eval_episodes=1, run_name="count",
+                      cuda=False, checkpoint_frequency=0))
+    state = torch.load(tmp_path / "runs/count/checkpoint.pt", weights_only=True)
+    n = state["replay_buffer"]["size"]
+    rows = state["replay_buffer"]["rows"][:n]
+    obs, next_obs, rewards, dones = rows[:, 0:2], rows[:, 2:4], rows[:, 5], rows[:, 6]
+    # no stored transition crosses an episode boundary (that would be the reset step)
+    assert torch.equal(next_obs[:, 0], obs[:, 0]) and torch.equal(next_obs[:, 1], obs[:, 1] + 1)
+    assert torch.equal(rewards, next_obs[:, 1])
+    terminal = (next_obs[:, 0] % 2 == 0) & (next_obs[:, 1] == 5)
+    truncated = (next_obs[:, 0] % 2 == 1) & (next_obs[:, 1] == 7)
+    assert terminal.any() and truncated.any()
+    assert torch.equal(dones, terminal.float())  # truncation stores done = 0 and keeps the real final obs
+    # every env step is stored except one reset step per finished episode
+    per_env_steps = total // num_envs
+    cycle = 5 + 7 + 2  # two episodes (5 and 7 transitions) plus their two reset steps
+    full, rest = divmod(per_env_steps, cycle)
+    resets = 2 * full + (rest > 5) + (rest > 5 + 1 + 7)
+    assert n == num_envs * (per_env_steps - resets)
+    returns = [v for _, v in read_scalars(tmp_path / "runs/count", "charts/episodic_return")]
+    assert set(returns) == {15.0, 28.0}  # 1+..+5 and 1+..+7: the reset step's reward is not counted
+
+
+# ---------------------------------------------------------------- whole runs
+SMOKE = ["--total-timesteps", 600, "--learning-starts", 100, "--eval-frequency", 300, "--eval-episodes", 2,
+         "--target-network-frequency", 100, "--batch-size", 32, "--buffer-size", 1000]
+
+
+def test_smoke_run_updates_syncs_and_logs(tmp_path):
+    result = run_script("dqn_cartpole", *SMOKE, "--run-name", "smoke", "--save-model", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    counts = finished_counts(result.stdout)
+    assert counts == {"steps": 600, "updates": 500, "target_syncs": 5}
+    run_dir = tmp_path / "runs/smoke"
+    tags = read_tags(run_dir)
+    for tag in ["charts/episodic_return", "charts/episodic_length", "charts/SPS", "charts/epsilon",
+                "losses/td_loss", "losses/q_values", "eval/episodic_return", "text:hyperparameters/text_summary"]:
+        assert tag in tags
+    assert len(read_scalars(run_dir, "eval/episodic_return")) == 2
+    assert len(read_scalars(run_dir, "losses/td_loss")) == 5
+    for name in ["checkpoint.pt", "best_model.pt", "dqn_cartpole.cleanrl_model"]:
+        assert (run_dir / name).is_file()
+    assert "\r" not in result.stderr  # no progress bar when stderr is not a terminal
+
+
+def test_cleanrl_smoke_flags(tmp_path):
+    result = run_script("dqn_cartpole", "--learning-starts", 10, "--total-timesteps", 16, "--buffer-size", 10,
+                        "--batch-size", 4, "--run-name", "tiny", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert finished_counts(result.stdout)["updates"] == 6
+
+
+@pytest.mark.parametrize("env_id", ["Acrobot-v1", "MountainCar-v0"])
+def test_other_flat_discrete_envs_train(tmp_path, monkeypatch, env_id, capsys):
+    monkeypatch.chdir(tmp_path)
+    dqn.main(dqn.Args(env_id=env_id, total_timesteps=300, learning_starts=100, num_envs=2, eval_episodes=1,
+                      eval_frequency=0, run_name="other", cuda=False))
+    assert finished_counts(capsys.readouterr().out)["updates"] == 200
+
+
+def test_same_seed_same_returns(tmp_path):
+    flags = ["--total-timesteps", 3000, "--learning-starts", 500, "--eval-frequency", 0, "--num-envs", 2]
+    returns = []
+    for name in ["a", "b"]:
+        result = run_script("dqn_cartpole", *flags, "--run-name", name, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        returns.append(read_scalars(tmp_path / "runs" / name, "charts/episodic_return"))
+    assert len(returns[0]) > 50 and returns[0] == returns[1]
+    other = run_script("dqn_cartpole", *flags, "--run-name", "c", "--seed", 2, cwd=tmp_path)
+    assert read_scalars(tmp_path / "runs/c", "charts/episodic_return") != returns[0]
+
+
+def test_learns_cartpole_well_above_random(tmp_path):
+    # A uniformly random policy scores about 22 on CartPole-v1.
+    result = run_script("dqn_cartpole", "--total-timesteps", 10_000, "--eval-frequency", 2_500, "--run-name", "learn",
+                        "--checkpoint-frequency", 0, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    best = max(v for _, v in read_scalars(tmp_path / "runs/learn", "eval/episodic_return"))
+    assert best >= 100
+
+
+def test_play_mode_evaluates_a_saved_model_and_writes_video(tmp_path):
+    assert run_script("dqn_cartpole", *SMOKE, "--run-name", "p", "--save-model", cwd=tmp_path).returncode == 0
+    model = tmp_path / "runs/p/dqn_cartpole.cleanrl_model"
+    result = run_script("dqn_cartpole", "--play", model, "--eval-episodes", 3, "--capture-video", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "3 episodes of" in result.stdout and "mean return" in result.stdout
+    videos = list((tmp_path / "videos").glob("*.mp4"))
+    assert len(videos) == 1
+    capture = cv2.VideoCapture(str(videos[0]))
+    assert capture.get(cv2.CAP_PROP_FRAME_COUNT) >= 8 and capture.read()[0]
+
+
+def test_track_with_wandb_offline(tmp_path):
+    result = run_script("dqn_cartpole", "--learning-starts", 10, "--total-timesteps", 200, "--track",
+                        "--run-name", "tracked", "--eval-episodes", 1, cwd=tmp_path, env={"WANDB_MODE": "offline"})
+    assert result.returncode == 0, result.stderr
+    assert list((tmp_path / "runs/tracked/wandb").glob("offline-run-*"))
+
+
+# ---------------------------------------------------------------- bad input
+BAD_INPUTS = [
+    (["--env-id", "CartPol-v1"], "close matches: CartPole-v1"),
+    (["--env-id", "tests/Counting-v9"], "unknown --env-id"),
+    (["--env-id", "Pendulum-v1"], "needs Discrete actions"),
+    (["--env-id", "ALE/Pong-v5"], "needs a flat Box"),
+    (["--buffer-size", "16", "--batch-size", "32"], "--buffer-size (16) must be >= --batch-size (32)"),
+    (["--learning-starts", "100", "--total-timesteps", "100"], "--learning-starts (100) must be < --total-timesteps"),
+    (["--exploration-fraction", "0"], "--exploration-fraction must be in (0, 1]"),
+    (["--exploration-fraction", "1.5"], "--exploration-fraction must be in (0, 1]"),
+    (["--tau", "0"], "--tau must be in (0, 1]"),
+    (["--gamma", "1.2"], "--gamma must be in [0, 1]"),
+    (["--end-e", "-0.1"], "--end-e must be in [0, 1]"),
+    (["--train-frequency", "0"], "--train-frequency must be positive"),
+    (["--target-network-frequency", "-5"], "--target-network-frequency must be positive"),
+    (["--num-envs", "0"], "--num-envs must be positive"),
+    (["--total-timesteps", "-1"], "--total-timesteps must be positive"),
+    (["--eval-frequency", "-1"], "--eval-frequency must be >= 0"),
+    (["--learning-rate", "0"], "--learning-rate must be positive"),
+    (["--hidden-sizes", "64", "0"], "--hidden-sizes must be one or more positive"),
+    (["--run-name", "../escape"], "must be a plain name"),
+    (["--run-name", "a/b"], "must be a plain name"),
+    (["--exp-name", ".."], "must be a plain name"),
+    (["--resume", "missing.pt"], "does not exist"),
+    (["--play", "missing.pt"], "does not exist"),
+]
+
+
+@pytest.mark.parametrize("flags,message", BAD_INPUTS, ids=[" ".join(f) for f, _ in BAD_INPUTS])
+def test_bad_input_fails_with_one_line_and_exit_2(tmp_path, monkeypatch, capsys, flags, message):
+    monkeypatch.chdir(tmp_path)
+    import tyro
+
+    with pytest.raises(SystemExit) as exit_info:
+        dqn.main(tyro.cli(dqn.Args, args=flags))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    err = [line for line in err if not line.startswith("warning:")]
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not os.path.exists(tmp_path / "runs")  # nothing written before the error
+
+
+def test_bad_input_as_a_process_has_no_traceback(tmp_path):
+    result = run_script("dqn_cartpole", "--env-id", "CartPol-v1", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and result.stderr.strip().count("\n") <= 1

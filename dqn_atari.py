@@ -1,0 +1,654 @@
+"""Nature DQN on Atari through ale-py 0.12's native vector env, with a frame-deduplicated replay memory.
+
+Mnih et al. 2015, "Human-level control through deep reinforcement learning" (Nature 518; preprint arXiv:1312.5602):
+the Nature CNN, epsilon-greedy acting, replay memory, a target network synced every C steps, and the preprocessing of
+its Methods section (30 no-op starts, frameskip 4 with max-pooling, 84x84 grayscale, stack of 4, rewards clipped to
+their sign, a life loss terminal for bootstrapping). v5 ids add sticky actions (Machado et al. 2018, arXiv:1709.06009).
+
+    python dqn_atari.py --env-id BreakoutNoFrameskip-v4
+
+Defaults are CleanRL's published dqn_atari.py configuration, which departs from the paper in: Adam (lr 1e-4) instead
+of RMSProp, MSE instead of the clipped error, 10M steps, learning starts at 80k, epsilon 1 -> 0.01 over 10% of the
+run. Departures from CleanRL: the envs step (ale-py threads) while the learner trains, so the update at step t sees
+the buffer up to step t-1; replay stores every frame once and rebuilds the stacks when sampling (7.07 KB per
+transition instead of 28.2 KB); the logged return is the full-game, unclipped score (CleanRL logs per life), and
+evaluation is separate: full games, epsilon 0.05, as in the paper.
+"""
+
+import copy
+import difflib
+import os
+import re
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import NamedTuple, NoReturn, Optional
+
+import ale_py
+import cv2
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from ale_py.vector_env import AtariVectorEnv
+from torch.utils.tensorboard import SummaryWriter
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be enabled when available (warns and falls back to the CPU otherwise)"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases"""
+    wandb_project_name: str = "cleanRL"
+    """the wandb's project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of wandb's project"""
+    wandb_group: Optional[str] = None
+    """the wandb group (e.g. one per benchmark grid)"""
+    capture_video: bool = False
+    """whether to record the first evaluation episode of each evaluation to runs/{run_name}/videos/*.mp4"""
+    save_model: bool = False
+    """whether to save the final model to runs/{run_name}/{exp_name}.cleanrl_model"""
+    run_name: Optional[str] = None
+    """the run directory under runs/ (default: {env_id}__{exp_name}__{seed}__{unix time})"""
+    checkpoint_frequency: int = 500_000
+    """write runs/{run_name}/checkpoint.pt every this many env steps (0: only on stop or completion)"""
+    checkpoint_buffer: bool = False
+    """also put the replay buffer in checkpoints (about 7 GB at 1M); without it a resumed run refills it first"""
+    resume: Optional[str] = None
+    """continue training from this checkpoint.pt (model, target, optimizer, step, RNG states, buffer if saved)"""
+    play: Optional[str] = None
+    """instead of training, load this model or checkpoint and evaluate it for --eval-episodes episodes"""
+
+    # Algorithm specific arguments
+    env_id: str = "BreakoutNoFrameskip-v4"
+    """the id of the environment: XNoFrameskip-v4 (no sticky actions) or ALE/X-v5 (sticky actions 0.25)"""
+    total_timesteps: int = 10_000_000
+    """total env steps (agent steps, 4 frames each) of the experiment"""
+    num_envs: int = 1
+    """the number of parallel game environments (ale-py threads)"""
+    learning_rate: float = 1e-4
+    """the learning rate of the optimizer"""
+    buffer_size: int = 1_000_000
+    """the replay memory buffer size (transitions, over all envs)"""
+    gamma: float = 0.99
+    """the discount factor gamma"""
+    tau: float = 1.0
+    """the target network update rate (1.0: hard copy)"""
+    target_network_frequency: int = 1_000
+    """the frequency (in env steps) of target network updates"""
+    batch_size: int = 32
+    """the batch size of sample from the replay memory"""
+    start_e: float = 1.0
+    """the starting epsilon for exploration"""
+    end_e: float = 0.01
+    """the ending epsilon for exploration"""
+    exploration_fraction: float = 0.10
+    """the fraction of `total-timesteps` it takes from start-e to go end-e"""
+    learning_starts: int = 80_000
+    """env step to start learning"""
+    train_frequency: int = 4
+    """the frequency (in env steps) of gradient updates"""
+    max_episode_frames: int = 108_000
+    """episodes are truncated (and bootstrapped) after this many frames: 30 minutes of play"""
+    eval_frequency: int = 250_000
+    """evaluate every this many env steps (0: only at the end)"""
+    eval_episodes: int = 10
+    """the number of evaluation episodes (full games, played in parallel)"""
+    eval_epsilon: float = 0.05
+    """the epsilon of the evaluation policy (Mnih et al. 2015: 0.05)"""
+
+
+STACK = 4  # frames per observation
+FRAME_BYTES = 84 * 84  # one uint8 grayscale frame
+LOG_EVERY = 100  # gradient updates between loss/Q logs and non-finite checks (each is one CPU-GPU sync)
+HELD_OUT = 512  # transitions kept aside at learning start for DeepMind's average max-Q and TD-error curves
+CANDIDATES = 8  # uniform sampling draws this many slots per batch row and keeps the first that is a transition
+RUN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=+-]*")
+
+
+def fail(message: str) -> NoReturn:
+    """Bad input: one line on stderr and exit code 2, before anything is written."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def validate_args(args: Args) -> None:
+    positive = ["total_timesteps", "num_envs", "buffer_size", "batch_size", "train_frequency", "eval_episodes"]
+    positive += ["target_network_frequency", "max_episode_frames"]
+    for name in positive:
+        if getattr(args, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ["learning_starts", "eval_frequency", "checkpoint_frequency"]:
+        if getattr(args, name) < 0:
+            fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if not args.learning_rate > 0:
+        fail(f"--learning-rate must be positive, got {args.learning_rate}")
+    for name in ["exploration_fraction", "tau"]:
+        if not 0 < getattr(args, name) <= 1:
+            fail(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(args, name)}")
+    for name in ["gamma", "start_e", "end_e", "eval_epsilon"]:
+        if not 0 <= getattr(args, name) <= 1:
+            fail(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    if args.buffer_size < args.batch_size:
+        fail(f"--buffer-size ({args.buffer_size}) must be >= --batch-size ({args.batch_size})")
+    if args.learning_starts >= args.total_timesteps and not args.play:
+        fail(f"--learning-starts ({args.learning_starts}) must be < --total-timesteps ({args.total_timesteps})")
+    for name in ["exp_name", "run_name"]:
+        value = getattr(args, name)
+        if value is not None and (not RUN_NAME_RE.fullmatch(value) or ".." in value):
+            fail(f"--{name.replace('_', '-')} {value!r} must be a plain name (letters, digits, . _ = + -)")
+
+
+def atari_game(env_id: str) -> tuple[str, float]:
+    """Maps a gymnasium id to (ALE game, sticky-action probability): XNoFrameskip-v4 -> 0.0, ALE/X-v5 -> 0.25."""
+    gym.register_envs(ale_py)
+    supported = [k for k in gym.registry if "-ram" not in k and (
+        k.endswith("NoFrameskip-v4") or (k.startswith("ALE/") and k.endswith("-v5")))]
+    if env_id not in supported:
+        matches = difflib.get_close_matches(env_id, supported, n=3, cutoff=0.5)
+        fail(f"--env-id {env_id!r} is not an Atari id this script supports (XNoFrameskip-v4 or ALE/X-v5); "
+             f"close matches: {', '.join(matches) or 'none'}")
+    kwargs = gym.spec(env_id).kwargs
+    return kwargs["game"], kwargs["repeat_action_probability"]
+
+
+def make_env(game: str, num_envs: int, sticky: float, max_frames: int, train: bool, rgb: bool = False):
+    """ale-py's C++ vector env with Nature preprocessing, rewards unclipped (the learner clips, logs see the score).
+
+    train=True: a life loss is `terminated` (no bootstrapping) but the game goes on, as CleanRL's EpisodicLifeEnv;
+    ale-py's own episodic_life would restart the game at every life loss. train=False: full games, for evaluation.
+    rgb=True gives full-size colour frames of the same emulator trajectory, for videos.
+    """
+    image = dict(grayscale=False, img_height=210, img_width=160, stack_num=1) if rgb else {}
+    return AtariVectorEnv(game, num_envs, repeat_action_probability=sticky, max_num_frames_per_episode=max_frames,
+                          frameskip=4, maxpool=True, noop_max=30, use_fire_reset=True, episodic_life=False,
+                          life_loss_info=train, reward_clipping=False, **image)
+
+
+def linear_schedule(start_e: float, end_e: float, duration: int, t: int) -> float:
+    slope = (end_e - start_e) / duration
+    return max(slope * t + start_e, end_e)
+
+
+def crossed(global_step: int, num_envs: int, frequency: int) -> bool:
+    """Whether the last vector step (num_envs env steps) passed a multiple of `frequency` (0: never)."""
+    return frequency > 0 and global_step // frequency > (global_step - num_envs) // frequency
+
+
+class QNetwork(nn.Module):
+    """The Nature CNN (Mnih et al. 2015, Methods: 'Model architecture')."""
+
+    def __init__(self, n_actions: int):
+        super().__init__()
+        self.network = nn.Sequential(
+            nn.Conv2d(STACK, 32, 8, stride=4), nn.ReLU(),  # (B, 32, 20, 20)
+            nn.Conv2d(32, 64, 4, stride=2), nn.ReLU(),  # (B, 64, 9, 9)
+            nn.Conv2d(64, 64, 3, stride=1), nn.ReLU(),  # (B, 64, 7, 7)
+            nn.Flatten(), nn.Linear(3136, 512), nn.ReLU(),
+            nn.Linear(512, n_actions),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x / 255.0)  # (B, 4, 84, 84) uint8 -> (B, n_actions); frames stay uint8 until here
+
+
+def compute_td_target(target_network: nn.Module, rewards: torch.Tensor, next_observations: torch.Tensor,
+                      dones: torch.Tensor, gamma: float) -> torch.Tensor:
+    """y = sign(r) + gamma * max_a' Q_target(s', a'), cut at a termination or life loss (Mnih et al. 2015, Alg. 1)."""
+    with torch.no_grad():
+        target_max = target_network(next_observations).max(dim=1).values  # (B,)
+        return rewards.sign() + gamma * target_max * (1 - dones)
+
+
+def update_target(target_network: nn.Module, q_network: nn.Module, tau: float) -> None:
+    """theta_target <- tau * theta + (1 - tau) * theta_target; tau = 1 is the paper's hard copy."""
+    with torch.no_grad():
+        for target_param, param in zip(target_network.parameters(), q_network.parameters()):
+            target_param.copy_(param) if tau == 1.0 else target_param.lerp_(param, tau)
+
+
+class Batch(NamedTuple):
+    observations: torch.Tensor  # (B, 4, 84, 84) uint8
+    actions: torch.Tensor  # (B,) int64
+    rewards: torch.Tensor  # (B,) float32, unclipped
+    next_observations: torch.Tensor  # (B, 4, 84, 84) uint8
+    dones: torch.Tensor  # (B,) float32: termination or life loss (a truncation bootstraps)
+    indices: torch.Tensor  # (B,) int64 slot: env * per-env capacity + position
+
+
+class ReplayBuffer:
+    """Frame-deduplicated replay: each env's stream stores every 84x84 frame once, stacks are rebuilt when sampling.
+
+    Slot (env, p) holds the newest frame of the obs the env returned at one step and the float32 row [action, reward,
+    done, first] of that step; `first` marks the first frame of a game (a reset step: it is not a transition). The
+    transition in slot p goes from the stack ending at p-1 to the stack ending at p; a frame older than a `first`
+    within the window belongs to the previous game and is zeroed, exactly as the env pads at reset.
+    Memory: 84*84 + 4*4 = 7072 bytes per transition, 7.07 GB at 1M (stacked obs and next obs would take 56 KB).
+    """
+
+    def __init__(self, capacity: int, num_envs: int, storage: torch.device, device: torch.device):
+        # ceil so the buffer never holds less than asked; at least a stack and a transition (plus one) per env
+        self.per_env = max(-(-capacity // num_envs), STACK + 2)
+        self.num_envs, self.storage, self.device = num_envs, storage, device
+        pin = storage.type == "cpu" and device.type == "cuda"  # host storage feeding a GPU: non-blocking copies
+        self.frames = torch.zeros((num_envs, self.per_env, 84, 84), dtype=torch.uint8, device=storage, pin_memory=pin)
+        self.rows = torch.zeros((num_envs, self.per_env, 4), dtype=torch.float32, device=storage, pin_memory=pin)
+        self.pos, self.count = 0, 0  # the next slot written, and how many slots per env hold data
+        self.newest_transition = (0, 0)  # a slot known to hold a sampleable transition (host ints: no sync)
+
+    @staticmethod
+    def bytes_needed(capacity: int, num_envs: int) -> int:
+        return num_envs * max(-(-capacity // num_envs), STACK + 2) * (FRAME_BYTES + 4 * 4)
+
+    def add(self, frames: np.ndarray, actions: np.ndarray, rewards: np.ndarray, dones: np.ndarray,
+            firsts: np.ndarray) -> None:
+        """One slot per env: frames (N, 84, 84) uint8, the newest frame of each env's obs; the rest (N,)."""
+        rows = np.stack([actions, rewards, dones, firsts], axis=1).astype(np.float32)  # (N, 4)
+        self.frames[:, self.pos] = torch.from_numpy(frames).to(self.storage, non_blocking=True)
+        self.rows[:, self.pos] = torch.from_numpy(rows).to(self.storage, non_blocking=True)
+        if not firsts.all():
+            self.newest_transition = (int(np.argmin(firsts)), self.pos)
+        self.pos = (self.pos + 1) % self.per_env
+        self.count = min(self.count + 1, self.per_env)
+
+    def __len__(self) -> int:
+        return self.count * self.num_envs
+
+    def sample(self, batch_size: int) -> Batch:
+        """Uniform over sampleable transitions, without a host sync: CANDIDATES slots per row, the first valid kept."""
+        full = self.count == self.per_env
+        oldest, lowest_age = (self.pos, STACK) if full else (0, 1)  # an older slot lacks the frames of its obs
+        env = torch.randint(self.num_envs, (batch_size, CANDIDATES), device=self.storage)
+        age = torch.randint(lowest_age, self.count, (batch_size, CANDIDATES), device=self.storage)
+        pos = (oldest + age) % self.per_env
+        ok = self.rows[env, pos, 3] == 0  # not the first frame of a game
+        pick = ok.to(torch.uint8).argmax(dim=1, keepdim=True)  # index of the first valid candidate
+        env, pos = env.gather(1, pick).squeeze(1), pos.gather(1, pick).squeeze(1)
+        # all CANDIDATES invalid has probability (share of reset slots)^8; fall back to a known transition
+        none_ok = ~ok.any(dim=1)
+        env = torch.where(none_ok, self.newest_transition[0], env)
+        pos = torch.where(none_ok, self.newest_transition[1], pos)
+        return self.gather(env * self.per_env + pos)
+
+    def gather(self, indices: torch.Tensor) -> Batch:
+        """Rebuilds the transitions in slots `indices` (B,): their obs and next obs stacks from 5 frames each."""
+        env, pos = indices // self.per_env, indices % self.per_env
+        window = (pos[:, None] + torch.arange(-STACK, 1, device=self.storage)) % self.per_env  # (B, 5): p-4 .. p
+        frames = self.frames[env[:, None], window]  # (B, 5, 84, 84) uint8
+        rows = self.rows[env[:, None], window]  # (B, 5, 4)
+        if self.storage != self.device:  # pinned host memory -> GPU, without blocking the host
+            frames = frames.pin_memory().to(self.device, non_blocking=True)
+            rows = rows.pin_memory().to(self.device, non_blocking=True)
+        # frame m of the window is from an earlier game iff a later frame in the window (up to p) is a game's first
+        later_first = rows[:, 1:, 3].flip(1).cummax(dim=1).values.flip(1)  # (B, 4): any first in m+1 .. p
+        keep = torch.cat([later_first == 0, torch.ones_like(later_first[:, :1], dtype=torch.bool)], dim=1)
+        frames = frames * keep[:, :, None, None]  # (B, 5, 84, 84), zero padding as at reset
+        last = rows[:, -1]  # (B, 4): the transition's own action, reward, done
+        return Batch(frames[:, :STACK], last[:, 0].long(), last[:, 1], frames[:, 1:], last[:, 2],
+                     indices.to(self.device))
+
+    def state_dict(self) -> dict:
+        return {"frames": self.frames.cpu(), "rows": self.rows.cpu(), "pos": self.pos, "count": self.count,
+                "newest_transition": list(self.newest_transition)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["frames"].shape != self.frames.shape:
+            fail(f"the checkpoint's replay buffer has shape {tuple(state['frames'].shape)}, not "
+                 f"{tuple(self.frames.shape)}; resume with the same --buffer-size and --num-envs")
+        self.frames.copy_(state["frames"])
+        self.rows.copy_(state["rows"])
+        self.pos, self.count, self.newest_transition = state["pos"], state["count"], tuple(state["newest_transition"])
+
+
+def available_ram() -> int:
+    """Bytes of RAM the OS can give without swapping (Linux MemAvailable; total physical memory elsewhere)."""
+    try:
+        with open("/proc/meminfo") as f:
+            return int(next(line for line in f if line.startswith("MemAvailable")).split()[1]) * 1024
+    except (OSError, StopIteration):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def replay_storage(args: Args, device: torch.device) -> torch.device:
+    """GPU memory when the buffer fits there (sampling and stacking stay on the GPU), else host RAM; fails early
+    with the largest --buffer-size that fits when it fits nowhere."""
+    needed = ReplayBuffer.bytes_needed(args.buffer_size, args.num_envs)
+    headroom = 2 * 2**30  # networks, optimizer, batches, the CUDA context and the rest of the process
+    if device.type == "cuda" and needed <= torch.cuda.mem_get_info(device)[0] - headroom:
+        return device
+    free = available_ram() - headroom
+    if needed <= free:
+        return torch.device("cpu")
+    largest = max(free, 0) // (FRAME_BYTES + 16)
+    where = "GPU memory or RAM" if device.type == "cuda" else "RAM"
+    fail(f"--buffer-size {args.buffer_size} needs {needed / 1e9:.1f} GB but only {max(free, 0) / 1e9:.1f} GB of "
+         f"{where} is free; the largest buffer that fits is --buffer-size {largest}")
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """Atomic write: a kill mid-write leaves the previous file intact (write a temp file, fsync, rename over)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path: str, env_id: str, n_actions: int) -> dict:
+    """Loads with weights_only=True (no code runs from the file) and fails clearly on a wrong or broken file."""
+    if not os.path.isfile(path):
+        fail(f"checkpoint {path!r} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"cannot load {path!r}, it is corrupt or not a checkpoint of this script ({type(e).__name__})")
+    if not isinstance(state, dict) or "model" not in state or "env_id" not in state:
+        fail(f"{path!r} is not a model or checkpoint written by {os.path.basename(__file__)}")
+    if state["env_id"] != env_id or state["n_actions"] != n_actions:
+        fail(f"{path!r} was trained on {state['env_id']} ({state['n_actions']} actions), not {env_id} "
+             f"({n_actions} actions); pass --env-id {state['env_id']}")
+    return state
+
+
+def write_video(path: str, frames: list[np.ndarray], fps: int = 15) -> None:
+    """MP4 through OpenCV (no moviepy); frames are RGB uint8 (H, W, 3). 15 fps = real time at frameskip 4."""
+    height, width = frames[0].shape[:2]
+    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+    for frame in frames:
+        writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    writer.release()
+
+
+def evaluate(q_network: nn.Module, game: str, sticky: float, max_frames: int, episodes: int, epsilon: float,
+             seed: int, device: torch.device, video_path: Optional[str] = None) -> np.ndarray:
+    """Plays `episodes` full games at once, one per env (so long games are not under-counted); returns the scores.
+
+    The video comes from a second, colour env that replays game 0 in lockstep: same seed, same actions.
+    """
+    envs = make_env(game, episodes, sticky, max_frames, train=False)
+    video_env = make_env(game, 1, sticky, max_frames, train=False, rgb=True) if video_path else None
+    rng = np.random.default_rng(seed)
+    obs, _ = envs.reset(seed=seed)
+    frames = [video_env.reset(seed=seed)[0][0, 0]] if video_env else []
+    returns, finished = np.zeros(episodes), np.zeros(episodes, dtype=bool)
+    while not finished.all():
+        with torch.inference_mode():
+            q_values = q_network(torch.from_numpy(obs).to(device))
+        actions = q_values.argmax(dim=1).cpu().numpy()  # sync point: the env needs host actions
+        actions = np.where(rng.random(episodes) < epsilon, rng.integers(envs.single_action_space.n, size=episodes),
+                           actions)
+        obs, rewards, terminations, truncations, _ = envs.step(actions)
+        if video_env and not finished[0]:
+            frames.append(video_env.step(actions[:1])[0][0, 0])
+        returns += rewards * ~finished  # an env that already finished has autoreset: ignore its new game
+        finished |= terminations | truncations
+    envs.close()
+    if video_env:
+        video_env.close()
+        write_video(video_path, frames)
+    return returns
+
+
+def main(args: Args) -> None:
+    validate_args(args)
+    game, sticky = atari_game(args.env_id)
+    probe_env = make_env(game, 1, sticky, args.max_episode_frames, train=True)
+    n_actions = int(probe_env.single_action_space.n)
+    probe_env.close()
+    checkpoint = None
+    if args.resume:
+        checkpoint = load_checkpoint(args.resume, args.env_id, n_actions)
+        if "optimizer" not in checkpoint:
+            fail(f"{args.resume!r} is a saved model, not a checkpoint; use --play to evaluate it")
+        args.run_name = args.run_name or checkpoint["run_name"]
+    if args.cuda and not torch.cuda.is_available():
+        print("warning: --cuda was given but CUDA is not available; running on the CPU", file=sys.stderr)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+
+    if args.play:
+        state = load_checkpoint(args.play, args.env_id, n_actions)
+        q_network = QNetwork(n_actions).to(device)
+        q_network.load_state_dict(state["model"])
+        video_path = None
+        if args.capture_video:
+            os.makedirs("videos", exist_ok=True)
+            video_path = os.path.join("videos", f"play__{args.env_id.replace('/', '-')}__{args.seed}.mp4")
+        returns = evaluate(q_network, game, sticky, args.max_episode_frames, args.eval_episodes, args.eval_epsilon,
+                           args.seed, device, video_path)
+        print(f"{args.eval_episodes} episodes of {args.play}: mean return {returns.mean():.2f} +- {returns.std():.2f}"
+              f" (min {returns.min():.1f}, max {returns.max():.1f})" + (f"; video: {video_path}" if video_path else ""))
+        return
+    storage = replay_storage(args, device)
+
+    run_name = args.run_name or f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join("runs", run_name)
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        probe = os.path.join(run_dir, f".write-test{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        fail(f"cannot write the run directory {run_dir!r} ({e.strerror}); fix its permissions or pass --run-name")
+    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
+
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, group=args.wandb_group,
+                   sync_tensorboard=True, config=vars(args), name=run_name, id=run_name, resume="allow",
+                   dir=run_dir, save_code=True)
+    writer = SummaryWriter(run_dir, purge_step=checkpoint["global_step"] if checkpoint else None)
+    writer.add_text("hyperparameters",
+                    "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])))
+
+    # ALGO LOGIC: initialize agent here:
+    q_network = QNetwork(n_actions).to(device)
+    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate)
+    target_network = QNetwork(n_actions).to(device)
+    target_network.load_state_dict(q_network.state_dict())
+    rb = ReplayBuffer(args.buffer_size, args.num_envs, storage, device)
+    print(f"replay: {ReplayBuffer.bytes_needed(args.buffer_size, args.num_envs) / 1e9:.2f} GB on {storage}, "
+          f"learner on {device}")
+    rng = np.random.default_rng(args.seed)  # exploration; its state is checkpointed
+
+    global_step, n_updates, n_target_syncs, best_eval, learning_from = 0, 0, 0, -float("inf"), 0
+    held_out: Optional[Batch] = None
+    if checkpoint:
+        q_network.load_state_dict(checkpoint["model"])
+        target_network.load_state_dict(checkpoint["target_model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if checkpoint["replay_buffer"] is not None:
+            rb.load_state_dict(checkpoint["replay_buffer"])
+        if checkpoint["held_out"] is not None:
+            held_out = Batch(*(t.to(device) for t in checkpoint["held_out"]))
+        rng.bit_generator.state = checkpoint["numpy_rng"]
+        torch.set_rng_state(checkpoint["torch_rng"])
+        if device.type == "cuda" and checkpoint["cuda_rng"] is not None:
+            torch.cuda.set_rng_state_all(checkpoint["cuda_rng"])
+        global_step, n_updates, n_target_syncs = checkpoint["global_step"], checkpoint["n_updates"], checkpoint["n_target_syncs"]
+        best_eval = checkpoint["best_eval"]
+        if checkpoint["replay_buffer"] is None:  # no updates until the empty buffer holds learning_starts new steps
+            learning_from = global_step + args.learning_starts
+        print(f"resumed {run_name} at step {global_step} from {args.resume}"
+              + ("" if learning_from == 0 else f"; refilling the replay buffer until step {learning_from}"))
+
+    def good_fields() -> dict:
+        return {"model": q_network.state_dict(), "target_model": target_network.state_dict(),
+                "optimizer": optimizer.state_dict(), "global_step": global_step, "n_updates": n_updates,
+                "n_target_syncs": n_target_syncs}
+
+    def training_state() -> dict:
+        return {"env_id": args.env_id, "n_actions": n_actions, "run_name": run_name, "args": asdict(args),
+                **good_fields(), "replay_buffer": rb.state_dict() if args.checkpoint_buffer else None,
+                "held_out": [t.cpu() for t in held_out] if held_out is not None else None,
+                "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+                "best_eval": best_eval}
+
+    def save_model(path: str) -> None:
+        save_checkpoint(path, {"env_id": args.env_id, "n_actions": n_actions, "model": q_network.state_dict(),
+                               "global_step": global_step})
+
+    # SIGINT/SIGTERM end the loop at the next step; a second signal kills at once (checkpoint writes are atomic).
+    stop_signal = []
+
+    def request_stop(signum, frame):
+        stop_signal.append(signum)
+        signal.signal(signum, signal.SIG_DFL)
+
+    previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    envs = make_env(game, args.num_envs, sticky, args.max_episode_frames, train=True)
+    obs, _ = envs.reset(seed=args.seed + global_step)
+    # each env's stream starts with the first frame of its game: a slot that is not a transition
+    rb.add(obs[:, -1], *np.zeros((3, args.num_envs)), firsts=np.ones(args.num_envs, dtype=bool))
+    autoreset = np.zeros(args.num_envs, dtype=bool)  # True where the next step is the reset step after a game over
+    episode_returns, episode_lengths = np.zeros(args.num_envs), np.zeros(args.num_envs, dtype=np.int64)
+    recent_returns: list[float] = []
+    update_stats = torch.zeros((LOG_EVERY, 2), device=device)  # (td_loss, mean Q) per update, read every LOG_EVERY
+    update_steps = [0] * LOG_EVERY  # the env step of each of those updates
+    good_state = copy.deepcopy(good_fields())  # the last learner state whose losses were all finite
+    start_time, start_step, last_print = time.time(), global_step, 0.0
+    is_tty = sys.stderr.isatty()
+    while global_step < args.total_timesteps and not stop_signal:
+        # ALGO LOGIC: put action logic here
+        epsilon = linear_schedule(args.start_e, args.end_e, int(args.exploration_fraction * args.total_timesteps),
+                                  global_step)
+        explore = rng.random(args.num_envs) < epsilon
+        actions = rng.integers(n_actions, size=args.num_envs)
+        if not explore.all():
+            with torch.inference_mode():
+                q_values = q_network(torch.from_numpy(obs).to(device))
+            actions = np.where(explore, actions, q_values.argmax(dim=1).cpu().numpy())  # sync point: host actions
+
+        # TRY NOT TO MODIFY: execute the game and log data. The envs step in ale-py's threads while the learner
+        # trains below; recv() then waits for them.
+        envs.send(actions)
+        global_step += args.num_envs
+
+        # ALGO LOGIC: training. Visit every env step this vector step covered, so that updates per env step stay
+        # 1/train_frequency and target syncs every target_network_frequency steps whatever num_envs is.
+        for step in range(global_step - args.num_envs + 1, global_step + 1):
+            if step <= args.learning_starts or step <= learning_from:
+                continue
+            if held_out is None:  # DeepMind's held-out states, drawn once from the (random-policy) warm-up data
+                held_out = rb.sample(HELD_OUT)
+            if step % args.train_frequency == 0:
+                data = rb.sample(args.batch_size)
+                td_target = compute_td_target(target_network, data.rewards, data.next_observations, data.dones,
+                                              args.gamma)
+                old_val = q_network(data.observations).gather(1, data.actions[:, None]).squeeze(1)
+                loss = F.mse_loss(td_target, old_val)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                update_stats[n_updates % LOG_EVERY] = torch.stack((loss.detach(), old_val.detach().mean()))
+                update_steps[n_updates % LOG_EVERY] = step
+                n_updates += 1
+                if n_updates % LOG_EVERY == 0:
+                    stats = update_stats.cpu().numpy()  # sync point: once per LOG_EVERY updates
+                    if not np.isfinite(stats).all():
+                        bad_step = update_steps[int(np.flatnonzero(~np.isfinite(stats).all(axis=1))[0])]
+                        save_checkpoint(checkpoint_path, {**training_state(), **good_state})
+                        writer.close()
+                        print(f"error: non-finite TD loss or Q-values at env step {bad_step}; the last good state "
+                              f"(step {good_state['global_step']}) is saved in {checkpoint_path}; lower "
+                              "--learning-rate or check the rewards", file=sys.stderr)
+                        raise SystemExit(1)
+                    good_state = copy.deepcopy(good_fields())
+                    writer.add_scalar("losses/td_loss", stats[:, 0].mean(), step)
+                    writer.add_scalar("losses/q_values", stats[:, 1].mean(), step)
+                    sps = int((global_step - start_step) / (time.time() - start_time))
+                    writer.add_scalar("charts/SPS", sps, step)
+                    writer.add_scalar("charts/epsilon", epsilon, step)
+            if step % args.target_network_frequency == 0:
+                update_target(target_network, q_network, args.tau)
+                n_target_syncs += 1
+
+        next_obs, rewards, terminations, truncations, infos = envs.recv()
+        real = ~autoreset  # a reset step (action ignored, reward 0, obs = the new game's first) is not a transition
+        # terminated is a life loss or a game over; only lives == 0 (or the frame cap) ends the game
+        game_over = (terminations & (infos["lives"] == 0)) | truncations
+        episode_returns[real] += rewards[real]
+        episode_lengths[real] += 1
+        for i in np.flatnonzero(real & game_over):
+            recent_returns = (recent_returns + [float(episode_returns[i])])[-10:]
+            writer.add_scalar("charts/episodic_return", episode_returns[i], global_step)
+            writer.add_scalar("charts/episodic_length", episode_lengths[i], global_step)
+            episode_returns[i], episode_lengths[i] = 0, 0
+        # done = termination or life loss; a truncation bootstraps from its real final frame, stored in this slot
+        rb.add(next_obs[:, -1], actions, rewards, terminations, firsts=autoreset)
+        autoreset = game_over
+        obs = next_obs
+
+        done_training = global_step >= args.total_timesteps
+        if crossed(global_step, args.num_envs, args.eval_frequency) or done_training:
+            video_path = None
+            if args.capture_video:
+                os.makedirs(os.path.join(run_dir, "videos"), exist_ok=True)
+                video_path = os.path.join(run_dir, "videos", f"eval_step{global_step}.mp4")
+            returns = evaluate(q_network, game, sticky, args.max_episode_frames, args.eval_episodes,
+                               args.eval_epsilon, args.seed + 1_000_000 + global_step, device, video_path)
+            writer.add_scalar("eval/episodic_return", returns.mean(), global_step)
+            if held_out is not None:  # Mnih et al. 2015, Fig. 2: average max Q on held-out states, and the TD error
+                with torch.inference_mode():
+                    q_held = q_network(held_out.observations)
+                    td_held = compute_td_target(target_network, held_out.rewards, held_out.next_observations,
+                                                held_out.dones, args.gamma)
+                    td_error = (td_held - q_held.gather(1, held_out.actions[:, None]).squeeze(1)).abs().mean()
+                writer.add_scalar("eval/avg_max_q", q_held.max(dim=1).values.mean().item(), global_step)
+                writer.add_scalar("eval/td_error", td_error.item(), global_step)
+            print(("\n" if is_tty else "") + f"step {global_step}: eval return {returns.mean():.2f} +- {returns.std():.2f}")
+            if returns.mean() > best_eval:
+                best_eval = float(returns.mean())
+                save_model(os.path.join(run_dir, "best_model.pt"))
+        if crossed(global_step, args.num_envs, args.checkpoint_frequency):
+            save_checkpoint(checkpoint_path, training_state())
+        if is_tty and time.time() - last_print > 0.5:
+            last_print = time.time()
+            sps = (global_step - start_step) / (last_print - start_time)
+            recent = f"{np.mean(recent_returns):.1f}" if recent_returns else "-"
+            print(f"\r{global_step:>11,}/{args.total_timesteps:,} steps | {sps:,.0f} SPS | "
+                  f"ETA {(args.total_timesteps - global_step) / max(sps, 1e-9) / 60:.1f} min | "
+                  f"return(10) {recent} | eps {epsilon:.3f}   ", end="", file=sys.stderr, flush=True)
+
+    envs.close()
+    for signum, handler in previous_handlers.items():
+        signal.signal(signum, handler)
+    if is_tty:
+        print(file=sys.stderr)
+    save_checkpoint(checkpoint_path, training_state())
+    if args.save_model:
+        model_path = os.path.join(run_dir, f"{args.exp_name}.cleanrl_model")
+        save_model(model_path)
+        print(f"model saved to {model_path}")
+    writer.close()
+    print(f"finished {run_name}: {global_step} steps, {n_updates} gradient updates, {n_target_syncs} target syncs "
+          f"in {time.time() - start_time:.1f}s; best eval return {best_eval:.2f}")
+    if stop_signal:
+        print(f"stopped by signal {stop_signal[0]} at step {global_step}; resume with --resume {checkpoint_path}",
+              file=sys.stderr)
+        raise SystemExit(128 + stop_signal[0])
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

@@ -330,7 +330,7 @@ def replay_storage(args: Args, device: torch.device) -> torch.device:
     free = available_ram() - headroom
     if needed <= free:
         return torch.device("cpu")
-    largest = max(free, 0) // (FRAME_BYTES + 16)
+    largest = int(args.buffer_size * max(free, 0) / needed)
     where = "GPU memory or RAM" if device.type == "cuda" else "RAM"
     fail(f"--buffer-size {args.buffer_size} needs {needed / 1e9:.1f} GB but only {max(free, 0) / 1e9:.1f} GB of "
          f"{where} is free; the largest buffer that fits is --buffer-size {largest}")

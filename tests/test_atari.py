@@ -43,7 +43,8 @@ def test_unsupported_env_id_fails_with_close_matches(dqn, capsys, env_id, hint):
 # ---------------------------------------------------------------- replay memory
 def test_memory_per_transition(dqn):
     rb = dqn.ReplayBuffer(1200, num_envs=4, storage=torch.device("cpu"), device=torch.device("cpu"))
-    stored = rb.frames.numel() * rb.frames.element_size() + rb.rows.numel() * rb.rows.element_size()
+    holders = [rb] + ([rb.tree] if hasattr(rb, "tree") else [])  # PER: the sum and min trees too
+    stored = sum(t.nbytes for h in holders for t in vars(h).values() if isinstance(t, torch.Tensor) and t.ndim)
     per_transition = stored / 1200
     assert per_transition <= 7200  # bytes; CleanRL stores 28.2 KB, SB3 56.5 KB
     assert dqn.ReplayBuffer.bytes_needed(1200, 4) == stored
@@ -57,8 +58,9 @@ def test_buffer_too_large_for_memory_fails_with_the_largest_that_fits(dqn, capsy
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     largest = int(err.rsplit("--buffer-size ", 1)[1])
-    assert "needs 7072.0 GB" in err and 0 < largest < 10**9
-    assert dqn.replay_storage(dqn.Args(buffer_size=largest // 2), torch.device("cpu")) == torch.device("cpu")
+    assert f"needs {dqn.ReplayBuffer.bytes_needed(10**9, args.num_envs) / 1e9:.1f} GB" in err and 0 < largest < 10**9
+    # the suggestion fits (1% below it, as free memory moves a little between two readings)
+    assert dqn.replay_storage(dqn.Args(buffer_size=int(largest * 0.99)), torch.device("cpu")) == torch.device("cpu")
 
 
 def test_tiny_buffer_keeps_a_stack_per_env(dqn):
@@ -155,12 +157,10 @@ def test_sampled_stacks_equal_the_envs_bit_for_bit(recorded_run):
     assert min(kinds.values()) > 0, kinds  # the property was checked on every kind of boundary
 
 
-def test_uniform_sampling_returns_only_transitions(recorded_run, script):
-    if script != "dqn_atari":
-        pytest.skip("prioritized sampling is tested in test_per.py")
+def test_sampling_returns_only_transitions(recorded_run, script):
     log, rb, _ = recorded_run
     valid = expected_transitions(log, rb)
-    batch = rb.sample(20_000)
+    batch = rb.sample(20_000) if script == "dqn_atari" else rb.sample(20_000, beta=0.4)  # PER: all at max priority
     slots = {(int(i) // rb.per_env, int(i) % rb.per_env) for i in batch.indices}
     assert slots <= set(valid)
     assert len(slots) > 0.95 * len(valid)  # and uniformly enough to reach nearly all of them
@@ -183,11 +183,13 @@ def test_logged_return_is_the_full_unclipped_game_score(recorded_run):
 
 
 # ---------------------------------------------------------------- learner pieces
-def test_nature_cnn_shapes_and_uint8_input(dqn):
+def test_nature_cnn_shapes_and_uint8_input(dqn, script):
     q = dqn.QNetwork(n_actions=6)
     out = q(torch.zeros((2, 4, 84, 84), dtype=torch.uint8))
     assert out.shape == (2, 6)
-    assert sum(p.numel() for p in q.parameters()) == 1_687_206  # Nature CNN with 6 actions
+    # Nature CNN with 6 actions; dueling: the same torso, then 3136 -> 512 -> 1 and 3136 -> 512 -> 6 streams
+    expected = {"dqn_atari": 1_687_206, "dqn_atari_dueling_per": 77_984 + 1_606_657 + 1_609_222}[script]
+    assert sum(p.numel() for p in q.parameters()) == expected
 
 
 # ---------------------------------------------------------------- whole runs

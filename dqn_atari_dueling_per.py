@@ -1,0 +1,734 @@
+"""Dueling + Double DQN with proportional Prioritized Experience Replay on Atari: dqn_atari.py plus three changes.
+
+- Dueling head (Wang et al. 2016, arXiv:1511.06581): Q(s, a) = V(s) + A(s, a) - mean_a' A(s, a') on the Nature torso.
+- Double DQN target (van Hasselt et al. 2016, arXiv:1509.06461): the online network picks argmax_a' Q(s', a'), the
+  target network values it.
+- Proportional PER (Schaul et al. 2016, arXiv:1511.05952): P(i) ~ (|delta_i| + eps)^alpha over a float64 sum tree,
+  new transitions at the maximal priority, stratified sampling, importance weights (N P(i))^-beta / max_j w_j with
+  beta annealed from 0.4 to 1 over the run; Huber loss and gradient norms clipped to 10 (Wang et al. 2016).
+Everything else (env, preprocessing, frame-deduplicated replay, evaluation, checkpoints) is dqn_atari.py's.
+
+    python dqn_atari_dueling_per.py --env-id BreakoutNoFrameskip-v4
+
+Defaults not from dqn_atari.py, with their sources: learning rate 6.25e-5 = the DQN rate / 4 (Schaul et al. 2016,
+Sec. 4), Adam eps 1.5e-4 (Hessel et al. 2018, arXiv:1710.02298, who used Adam where these papers used RMSProp),
+alpha 0.6 and beta0 0.4 (Schaul et al. 2016, Table 3, proportional), priority eps 1e-6 (OpenAI baselines).
+"""
+
+import copy
+import difflib
+import os
+import re
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import NamedTuple, NoReturn, Optional
+
+import ale_py
+import cv2
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from ale_py.vector_env import AtariVectorEnv
+from torch.utils.tensorboard import SummaryWriter
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be enabled when available (warns and falls back to the CPU otherwise)"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases"""
+    wandb_project_name: str = "cleanRL"
+    """the wandb's project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of wandb's project"""
+    wandb_group: Optional[str] = None
+    """the wandb group (e.g. one per benchmark grid)"""
+    capture_video: bool = False
+    """whether to record the first evaluation episode of each evaluation to runs/{run_name}/videos/*.mp4"""
+    save_model: bool = False
+    """whether to save the final model to runs/{run_name}/{exp_name}.cleanrl_model"""
+    run_name: Optional[str] = None
+    """the run directory under runs/ (default: {env_id}__{exp_name}__{seed}__{unix time})"""
+    checkpoint_frequency: int = 500_000
+    """write runs/{run_name}/checkpoint.pt every this many env steps (0: only on stop or completion)"""
+    checkpoint_buffer: bool = False
+    """also put the replay buffer in checkpoints (about 7 GB at 1M); without it a resumed run refills it first"""
+    resume: Optional[str] = None
+    """continue training from this checkpoint.pt (model, target, optimizer, step, RNG states, buffer if saved)"""
+    play: Optional[str] = None
+    """instead of training, load this model or checkpoint and evaluate it for --eval-episodes episodes"""
+
+    # Algorithm specific arguments
+    env_id: str = "BreakoutNoFrameskip-v4"
+    """the id of the environment: XNoFrameskip-v4 (no sticky actions) or ALE/X-v5 (sticky actions 0.25)"""
+    total_timesteps: int = 10_000_000
+    """total env steps (agent steps, 4 frames each) of the experiment"""
+    num_envs: int = 1
+    """the number of parallel game environments (ale-py threads)"""
+    learning_rate: float = 6.25e-5
+    """the learning rate of the optimizer (Schaul et al. 2016: the DQN rate / 4)"""
+    adam_eps: float = 1.5e-4
+    """Adam's epsilon (Hessel et al. 2018)"""
+    buffer_size: int = 1_000_000
+    """the replay memory buffer size (transitions, over all envs)"""
+    gamma: float = 0.99
+    """the discount factor gamma"""
+    tau: float = 1.0
+    """the target network update rate (1.0: hard copy)"""
+    target_network_frequency: int = 1_000
+    """the frequency (in env steps) of target network updates"""
+    batch_size: int = 32
+    """the batch size of sample from the replay memory"""
+    start_e: float = 1.0
+    """the starting epsilon for exploration"""
+    end_e: float = 0.01
+    """the ending epsilon for exploration"""
+    exploration_fraction: float = 0.10
+    """the fraction of `total-timesteps` it takes from start-e to go end-e"""
+    learning_starts: int = 80_000
+    """env step to start learning"""
+    train_frequency: int = 4
+    """the frequency (in env steps) of gradient updates"""
+    max_grad_norm: float = 10.0
+    """clip the gradient norm of each update to this (Wang et al. 2016)"""
+    prioritized_replay_alpha: float = 0.6
+    """how much prioritization is used: P(i) ~ p_i^alpha, 0 is uniform (Schaul et al. 2016)"""
+    prioritized_replay_beta0: float = 0.4
+    """the initial importance-sampling exponent, annealed linearly to 1 at the end of training"""
+    prioritized_replay_eps: float = 1e-6
+    """added to |TD error| so that no transition gets priority 0"""
+    max_episode_frames: int = 108_000
+    """episodes are truncated (and bootstrapped) after this many frames: 30 minutes of play"""
+    eval_frequency: int = 250_000
+    """evaluate every this many env steps (0: only at the end)"""
+    eval_episodes: int = 10
+    """the number of evaluation episodes (full games, played in parallel)"""
+    eval_epsilon: float = 0.05
+    """the epsilon of the evaluation policy (Mnih et al. 2015: 0.05)"""
+
+
+STACK = 4  # frames per observation
+FRAME_BYTES = 84 * 84  # one uint8 grayscale frame
+LOG_EVERY = 100  # gradient updates between loss/Q logs and non-finite checks (each is one CPU-GPU sync)
+HELD_OUT = 512  # transitions kept aside at learning start for DeepMind's average max-Q and TD-error curves
+RUN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=+-]*")
+
+
+def fail(message: str) -> NoReturn:
+    """Bad input: one line on stderr and exit code 2, before anything is written."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def validate_args(args: Args) -> None:
+    positive = ["total_timesteps", "num_envs", "buffer_size", "batch_size", "train_frequency", "eval_episodes"]
+    positive += ["target_network_frequency", "max_episode_frames"]
+    for name in positive:
+        if getattr(args, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ["learning_starts", "eval_frequency", "checkpoint_frequency"]:
+        if getattr(args, name) < 0:
+            fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if not args.learning_rate > 0:
+        fail(f"--learning-rate must be positive, got {args.learning_rate}")
+    for name in ["exploration_fraction", "tau"]:
+        if not 0 < getattr(args, name) <= 1:
+            fail(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(args, name)}")
+    for name in ["adam_eps", "max_grad_norm", "prioritized_replay_eps"]:
+        if not getattr(args, name) > 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ["gamma", "start_e", "end_e", "eval_epsilon", "prioritized_replay_alpha", "prioritized_replay_beta0"]:
+        if not 0 <= getattr(args, name) <= 1:
+            fail(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    if args.buffer_size < args.batch_size:
+        fail(f"--buffer-size ({args.buffer_size}) must be >= --batch-size ({args.batch_size})")
+    if args.learning_starts >= args.total_timesteps and not args.play:
+        fail(f"--learning-starts ({args.learning_starts}) must be < --total-timesteps ({args.total_timesteps})")
+    for name in ["exp_name", "run_name"]:
+        value = getattr(args, name)
+        if value is not None and (not RUN_NAME_RE.fullmatch(value) or ".." in value):
+            fail(f"--{name.replace('_', '-')} {value!r} must be a plain name (letters, digits, . _ = + -)")
+
+
+def atari_game(env_id: str) -> tuple[str, float]:
+    """Maps a gymnasium id to (ALE game, sticky-action probability): XNoFrameskip-v4 -> 0.0, ALE/X-v5 -> 0.25."""
+    gym.register_envs(ale_py)
+    supported = [k for k in gym.registry if "-ram" not in k and (
+        k.endswith("NoFrameskip-v4") or (k.startswith("ALE/") and k.endswith("-v5")))]
+    if env_id not in supported:
+        matches = difflib.get_close_matches(env_id, supported, n=3, cutoff=0.5)
+        fail(f"--env-id {env_id!r} is not an Atari id this script supports (XNoFrameskip-v4 or ALE/X-v5); "
+             f"close matches: {', '.join(matches) or 'none'}")
+    kwargs = gym.spec(env_id).kwargs
+    return kwargs["game"], kwargs["repeat_action_probability"]
+
+
+def make_env(game: str, num_envs: int, sticky: float, max_frames: int, train: bool, rgb: bool = False):
+    """ale-py's C++ vector env with Nature preprocessing, rewards unclipped (the learner clips, logs see the score).
+
+    train=True: a life loss is `terminated` (no bootstrapping) but the game goes on, as CleanRL's EpisodicLifeEnv;
+    ale-py's own episodic_life would restart the game at every life loss. train=False: full games, for evaluation.
+    rgb=True gives full-size colour frames of the same emulator trajectory, for videos.
+    """
+    image = dict(grayscale=False, img_height=210, img_width=160, stack_num=1) if rgb else {}
+    return AtariVectorEnv(game, num_envs, repeat_action_probability=sticky, max_num_frames_per_episode=max_frames,
+                          frameskip=4, maxpool=True, noop_max=30, use_fire_reset=True, episodic_life=False,
+                          life_loss_info=train, reward_clipping=False, **image)
+
+
+def linear_schedule(start_e: float, end_e: float, duration: int, t: int) -> float:
+    slope = (end_e - start_e) / duration
+    return max(slope * t + start_e, end_e)
+
+
+def crossed(global_step: int, num_envs: int, frequency: int) -> bool:
+    """Whether the last vector step (num_envs env steps) passed a multiple of `frequency` (0: never)."""
+    return frequency > 0 and global_step // frequency > (global_step - num_envs) // frequency
+
+
+class QNetwork(nn.Module):
+    """The dueling architecture (Wang et al. 2016, Sec. 3): the Nature CNN torso, then value and advantage streams."""
+
+    def __init__(self, n_actions: int):
+        super().__init__()
+        self.network = nn.Sequential(
+            nn.Conv2d(STACK, 32, 8, stride=4), nn.ReLU(),  # (B, 32, 20, 20)
+            nn.Conv2d(32, 64, 4, stride=2), nn.ReLU(),  # (B, 64, 9, 9)
+            nn.Conv2d(64, 64, 3, stride=1), nn.ReLU(),  # (B, 64, 7, 7)
+            nn.Flatten(),
+        )
+        self.value = nn.Sequential(nn.Linear(3136, 512), nn.ReLU(), nn.Linear(512, 1))
+        self.advantage = nn.Sequential(nn.Linear(3136, 512), nn.ReLU(), nn.Linear(512, n_actions))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.network(x / 255.0)  # (B, 4, 84, 84) uint8 -> (B, 3136); frames stay uint8 until here
+        advantage = self.advantage(features)  # (B, n_actions)
+        # Q(s, a) = V(s) + A(s, a) - mean_a' A(s, a')  (Wang et al. 2016, Eq. 9): identifiable, and stabler than max
+        return self.value(features) + advantage - advantage.mean(dim=1, keepdim=True)
+
+
+def compute_td_target(q_network: nn.Module, target_network: nn.Module, rewards: torch.Tensor,
+                      next_observations: torch.Tensor, dones: torch.Tensor, gamma: float) -> torch.Tensor:
+    """y = sign(r) + gamma * Q_target(s', argmax_a' Q(s', a')), cut at a termination or life loss (van Hasselt et al.
+    2016, Eq. 4): the online network selects the action, the target network evaluates it."""
+    with torch.no_grad():
+        best_actions = q_network(next_observations).argmax(dim=1, keepdim=True)  # (B, 1)
+        target_values = target_network(next_observations).gather(1, best_actions).squeeze(1)  # (B,)
+        return rewards.sign() + gamma * target_values * (1 - dones)
+
+
+def update_target(target_network: nn.Module, q_network: nn.Module, tau: float) -> None:
+    """theta_target <- tau * theta + (1 - tau) * theta_target; tau = 1 is the paper's hard copy."""
+    with torch.no_grad():
+        for target_param, param in zip(target_network.parameters(), q_network.parameters()):
+            target_param.copy_(param) if tau == 1.0 else target_param.lerp_(param, tau)
+
+
+class Batch(NamedTuple):
+    observations: torch.Tensor  # (B, 4, 84, 84) uint8
+    actions: torch.Tensor  # (B,) int64
+    rewards: torch.Tensor  # (B,) float32, unclipped
+    next_observations: torch.Tensor  # (B, 4, 84, 84) uint8
+    dones: torch.Tensor  # (B,) float32: termination or life loss (a truncation bootstraps)
+    indices: torch.Tensor  # (B,) int64 slot: env * per-env capacity + position
+    weights: torch.Tensor  # (B,) float32 importance-sampling weights, max 1
+
+
+class SumTree:
+    """Binary sum tree over `capacity` leaves, with a min tree beside it, vectorised over a batch of leaves: setting
+    or sampling B leaves is log2(capacity) tensor operations, with no Python loop over samples (Schaul et al. 2016,
+    App. B.2.1). float64, so a sum over 1M priorities keeps ~1e-10 relative precision.
+    """
+
+    def __init__(self, capacity: int, device: torch.device):
+        self.size = 1 << max(1, (capacity - 1).bit_length())  # leaves, a power of two; node 1 is the root
+        self.depth = self.size.bit_length() - 1
+        self.sums = torch.zeros(2 * self.size, dtype=torch.float64, device=device)  # leaves at [size, 2 size)
+        self.mins = torch.full((2 * self.size,), float("inf"), dtype=torch.float64, device=device)
+
+    def set(self, indices: torch.Tensor, values: torch.Tensor) -> None:
+        """Sets leaves `indices` (B,) to `values` (B,). Duplicate indices are fine: each parent is recomputed from its
+        children rather than incremented, so a leaf set twice in one batch is counted once."""
+        node = indices + self.size
+        values = values.to(torch.float64)
+        self.sums[node] = values
+        self.mins[node] = torch.where(values > 0, values, float("inf"))  # priority 0: not a transition
+        for _ in range(self.depth):
+            node = node // 2
+            self.sums[node] = self.sums[2 * node] + self.sums[2 * node + 1]
+            self.mins[node] = torch.minimum(self.mins[2 * node], self.mins[2 * node + 1])
+
+    def sample(self, batch_size: int) -> torch.Tensor:
+        """Stratified: one uniform draw in each of batch_size equal slices of the total, descended to its leaf."""
+        device = self.sums.device
+        u = (torch.arange(batch_size, device=device) + torch.rand(batch_size, dtype=torch.float64, device=device))
+        u = u * (self.sums[1] / batch_size)  # (B,) mass coordinates in [0, total)
+        node = torch.ones(batch_size, dtype=torch.int64, device=device)
+        for _ in range(self.depth):
+            left = self.sums[2 * node]
+            # go right past the left mass, never into an empty subtree (rounding could land u there)
+            right = (u >= left) & (self.sums[2 * node + 1] > 0)
+            u = torch.where(right, u - left, u)
+            node = 2 * node + right
+        return node - self.size
+
+    def leaves(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.sums[indices + self.size]
+
+
+class ReplayBuffer:
+    """Frame-deduplicated replay: each env's stream stores every 84x84 frame once, stacks are rebuilt when sampling.
+
+    Slot (env, p) holds the newest frame of the obs the env returned at one step and the float32 row [action, reward,
+    done, first] of that step; `first` marks the first frame of a game (a reset step: it is not a transition). The
+    transition in slot p goes from the stack ending at p-1 to the stack ending at p; a frame older than a `first`
+    within the window belongs to the previous game and is zeroed, exactly as the env pads at reset.
+    Memory: 84*84 + 4*4 = 7072 bytes per transition, 7.07 GB at 1M (stacked obs and next obs would take 56 KB), plus
+    the sum and min trees: 2 * 2 * 8 bytes per leaf, leaves rounded up to a power of two (34 MB at 1M).
+    Sampling is proportional to priority; a slot that is not a transition (a game's first frame, or one of the 4 oldest
+    slots, whose obs lost frames to the ring) has priority 0, so it is never drawn.
+    """
+
+    def __init__(self, capacity: int, num_envs: int, storage: torch.device, device: torch.device, alpha: float = 0.6,
+                 eps: float = 1e-6):
+        # ceil so the buffer never holds less than asked; at least a stack and a transition (plus one) per env
+        self.per_env = max(-(-capacity // num_envs), STACK + 2)
+        self.num_envs, self.storage, self.device = num_envs, storage, device
+        pin = storage.type == "cpu" and device.type == "cuda"  # host storage feeding a GPU: non-blocking copies
+        self.frames = torch.zeros((num_envs, self.per_env, 84, 84), dtype=torch.uint8, device=storage, pin_memory=pin)
+        self.rows = torch.zeros((num_envs, self.per_env, 4), dtype=torch.float32, device=storage, pin_memory=pin)
+        self.pos, self.count = 0, 0  # the next slot written, and how many slots per env hold data
+        self.tree = SumTree(num_envs * self.per_env, storage)
+        self.alpha, self.eps = alpha, eps
+        # new transitions get the largest priority^alpha seen so far (Schaul et al. 2016, Alg. 1); on device: no sync
+        self.max_priority = torch.ones((), dtype=torch.float64, device=storage)
+
+    @staticmethod
+    def bytes_needed(capacity: int, num_envs: int) -> int:
+        slots = num_envs * max(-(-capacity // num_envs), STACK + 2)
+        return slots * (FRAME_BYTES + 4 * 4) + 2 * 2 * 8 * (1 << max(1, (slots - 1).bit_length()))
+
+    def add(self, frames: np.ndarray, actions: np.ndarray, rewards: np.ndarray, dones: np.ndarray,
+            firsts: np.ndarray) -> None:
+        """One slot per env: frames (N, 84, 84) uint8, the newest frame of each env's obs; the rest (N,)."""
+        rows = np.stack([actions, rewards, dones, firsts], axis=1).astype(np.float32)  # (N, 4)
+        self.frames[:, self.pos] = torch.from_numpy(frames).to(self.storage, non_blocking=True)
+        self.rows[:, self.pos] = torch.from_numpy(rows).to(self.storage, non_blocking=True)
+        envs = torch.arange(self.num_envs, device=self.storage) * self.per_env
+        is_first = torch.from_numpy(firsts).to(self.storage, non_blocking=True)
+        self.tree.set(envs + self.pos, torch.where(is_first, 0.0, self.max_priority))
+        self.pos = (self.pos + 1) % self.per_env
+        self.count = min(self.count + 1, self.per_env)
+        if self.count == self.per_env:  # the 4 oldest slots lost frames of their obs to the ring: not sampleable
+            oldest = (self.pos + torch.arange(STACK, device=self.storage)) % self.per_env
+            slots = (envs[:, None] + oldest).flatten()
+            self.tree.set(slots, torch.zeros_like(slots, dtype=torch.float64))
+
+    def __len__(self) -> int:
+        return self.count * self.num_envs
+
+    def sample(self, batch_size: int, beta: float) -> Batch:
+        """Proportional to priority, stratified; with importance weights that undo the bias as beta -> 1."""
+        indices = self.tree.sample(batch_size)
+        # w_i = (N P(i))^-beta / max_j w_j = (p_i / p_min)^-beta: N and the total cancel (Schaul et al. 2016, Sec. 3.4)
+        weights = (self.tree.leaves(indices) / self.tree.mins[1]) ** -beta
+        return self.gather(indices)._replace(weights=weights.float().to(self.device))
+
+    def update_priorities(self, indices: torch.Tensor, td_errors: torch.Tensor) -> None:
+        """p_i = (|delta_i| + eps)^alpha for the sampled slots (Schaul et al. 2016, Alg. 1, line 12)."""
+        priorities = (td_errors.detach().abs().to(self.storage, torch.float64) + self.eps) ** self.alpha
+        self.tree.set(indices.to(self.storage), priorities)
+        self.max_priority = torch.maximum(self.max_priority, priorities.max())
+
+    def gather(self, indices: torch.Tensor) -> Batch:
+        """Rebuilds the transitions in slots `indices` (B,): their obs and next obs stacks from 5 frames each."""
+        env, pos = indices // self.per_env, indices % self.per_env
+        window = (pos[:, None] + torch.arange(-STACK, 1, device=self.storage)) % self.per_env  # (B, 5): p-4 .. p
+        frames = self.frames[env[:, None], window]  # (B, 5, 84, 84) uint8
+        rows = self.rows[env[:, None], window]  # (B, 5, 4)
+        if self.storage != self.device:  # pinned host memory -> GPU, without blocking the host
+            frames = frames.pin_memory().to(self.device, non_blocking=True)
+            rows = rows.pin_memory().to(self.device, non_blocking=True)
+        # frame m of the window is from an earlier game iff a later frame in the window (up to p) is a game's first
+        later_first = rows[:, 1:, 3].flip(1).cummax(dim=1).values.flip(1)  # (B, 4): any first in m+1 .. p
+        keep = torch.cat([later_first == 0, torch.ones_like(later_first[:, :1], dtype=torch.bool)], dim=1)
+        frames = frames * keep[:, :, None, None]  # (B, 5, 84, 84), zero padding as at reset
+        last = rows[:, -1]  # (B, 4): the transition's own action, reward, done
+        return Batch(frames[:, :STACK], last[:, 0].long(), last[:, 1], frames[:, 1:], last[:, 2],
+                     indices.to(self.device), torch.ones_like(last[:, 2]))
+
+    def state_dict(self) -> dict:
+        return {"frames": self.frames.cpu(), "rows": self.rows.cpu(), "pos": self.pos, "count": self.count,
+                "sums": self.tree.sums.cpu(), "mins": self.tree.mins.cpu(), "max_priority": self.max_priority.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["frames"].shape != self.frames.shape:
+            fail(f"the checkpoint's replay buffer has shape {tuple(state['frames'].shape)}, not "
+                 f"{tuple(self.frames.shape)}; resume with the same --buffer-size and --num-envs")
+        self.frames.copy_(state["frames"])
+        self.rows.copy_(state["rows"])
+        self.tree.sums.copy_(state["sums"])
+        self.tree.mins.copy_(state["mins"])
+        self.max_priority.copy_(state["max_priority"])
+        self.pos, self.count = state["pos"], state["count"]
+
+
+def available_ram() -> int:
+    """Bytes of RAM the OS can give without swapping (Linux MemAvailable; total physical memory elsewhere)."""
+    try:
+        with open("/proc/meminfo") as f:
+            return int(next(line for line in f if line.startswith("MemAvailable")).split()[1]) * 1024
+    except (OSError, StopIteration):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def replay_storage(args: Args, device: torch.device) -> torch.device:
+    """GPU memory when the buffer fits there (sampling and stacking stay on the GPU), else host RAM; fails early
+    with the largest --buffer-size that fits when it fits nowhere."""
+    needed = ReplayBuffer.bytes_needed(args.buffer_size, args.num_envs)
+    headroom = 2 * 2**30  # networks, optimizer, batches, the CUDA context and the rest of the process
+    if device.type == "cuda" and needed <= torch.cuda.mem_get_info(device)[0] - headroom:
+        return device
+    free = available_ram() - headroom
+    if needed <= free:
+        return torch.device("cpu")
+    largest = int(args.buffer_size * max(free, 0) / needed)
+    where = "GPU memory or RAM" if device.type == "cuda" else "RAM"
+    fail(f"--buffer-size {args.buffer_size} needs {needed / 1e9:.1f} GB but only {max(free, 0) / 1e9:.1f} GB of "
+         f"{where} is free; the largest buffer that fits is --buffer-size {largest}")
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """Atomic write: a kill mid-write leaves the previous file intact (write a temp file, fsync, rename over)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path: str, env_id: str, n_actions: int) -> dict:
+    """Loads with weights_only=True (no code runs from the file) and fails clearly on a wrong or broken file."""
+    if not os.path.isfile(path):
+        fail(f"checkpoint {path!r} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"cannot load {path!r}, it is corrupt or not a checkpoint of this script ({type(e).__name__})")
+    if not isinstance(state, dict) or "model" not in state or "env_id" not in state:
+        fail(f"{path!r} is not a model or checkpoint written by {os.path.basename(__file__)}")
+    if state["env_id"] != env_id or state["n_actions"] != n_actions:
+        fail(f"{path!r} was trained on {state['env_id']} ({state['n_actions']} actions), not {env_id} "
+             f"({n_actions} actions); pass --env-id {state['env_id']}")
+    return state
+
+
+def write_video(path: str, frames: list[np.ndarray], fps: int = 15) -> None:
+    """MP4 through OpenCV (no moviepy); frames are RGB uint8 (H, W, 3). 15 fps = real time at frameskip 4."""
+    height, width = frames[0].shape[:2]
+    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+    for frame in frames:
+        writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    writer.release()
+
+
+def evaluate(q_network: nn.Module, game: str, sticky: float, max_frames: int, episodes: int, epsilon: float,
+             seed: int, device: torch.device, video_path: Optional[str] = None) -> np.ndarray:
+    """Plays `episodes` full games at once, one per env (so long games are not under-counted); returns the scores.
+
+    The video comes from a second, colour env that replays game 0 in lockstep: same seed, same actions.
+    """
+    envs = make_env(game, episodes, sticky, max_frames, train=False)
+    video_env = make_env(game, 1, sticky, max_frames, train=False, rgb=True) if video_path else None
+    rng = np.random.default_rng(seed)
+    obs, _ = envs.reset(seed=seed)
+    frames = [video_env.reset(seed=seed)[0][0, 0]] if video_env else []
+    returns, finished = np.zeros(episodes), np.zeros(episodes, dtype=bool)
+    while not finished.all():
+        with torch.inference_mode():
+            q_values = q_network(torch.from_numpy(obs).to(device))
+        actions = q_values.argmax(dim=1).cpu().numpy()  # sync point: the env needs host actions
+        actions = np.where(rng.random(episodes) < epsilon, rng.integers(envs.single_action_space.n, size=episodes),
+                           actions)
+        obs, rewards, terminations, truncations, _ = envs.step(actions)
+        if video_env and not finished[0]:
+            frames.append(video_env.step(actions[:1])[0][0, 0])
+        returns += rewards * ~finished  # an env that already finished has autoreset: ignore its new game
+        finished |= terminations | truncations
+    envs.close()
+    if video_env:
+        video_env.close()
+        write_video(video_path, frames)
+    return returns
+
+
+def main(args: Args) -> None:
+    validate_args(args)
+    game, sticky = atari_game(args.env_id)
+    probe_env = make_env(game, 1, sticky, args.max_episode_frames, train=True)
+    n_actions = int(probe_env.single_action_space.n)
+    probe_env.close()
+    checkpoint = None
+    if args.resume:
+        checkpoint = load_checkpoint(args.resume, args.env_id, n_actions)
+        if "optimizer" not in checkpoint:
+            fail(f"{args.resume!r} is a saved model, not a checkpoint; use --play to evaluate it")
+        args.run_name = args.run_name or checkpoint["run_name"]
+    if args.cuda and not torch.cuda.is_available():
+        print("warning: --cuda was given but CUDA is not available; running on the CPU", file=sys.stderr)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+
+    if args.play:
+        state = load_checkpoint(args.play, args.env_id, n_actions)
+        q_network = QNetwork(n_actions).to(device)
+        q_network.load_state_dict(state["model"])
+        video_path = None
+        if args.capture_video:
+            os.makedirs("videos", exist_ok=True)
+            video_path = os.path.join("videos", f"play__{args.env_id.replace('/', '-')}__{args.seed}.mp4")
+        returns = evaluate(q_network, game, sticky, args.max_episode_frames, args.eval_episodes, args.eval_epsilon,
+                           args.seed, device, video_path)
+        print(f"{args.eval_episodes} episodes of {args.play}: mean return {returns.mean():.2f} +- {returns.std():.2f}"
+              f" (min {returns.min():.1f}, max {returns.max():.1f})" + (f"; video: {video_path}" if video_path else ""))
+        return
+    storage = replay_storage(args, device)
+
+    run_name = args.run_name or f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join("runs", run_name)
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        probe = os.path.join(run_dir, f".write-test{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        fail(f"cannot write the run directory {run_dir!r} ({e.strerror}); fix its permissions or pass --run-name")
+    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
+
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, group=args.wandb_group,
+                   sync_tensorboard=True, config=vars(args), name=run_name, id=run_name, resume="allow",
+                   dir=run_dir, save_code=True)
+    writer = SummaryWriter(run_dir, purge_step=checkpoint["global_step"] if checkpoint else None)
+    writer.add_text("hyperparameters",
+                    "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])))
+
+    # ALGO LOGIC: initialize agent here:
+    q_network = QNetwork(n_actions).to(device)
+    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps)
+    target_network = QNetwork(n_actions).to(device)
+    target_network.load_state_dict(q_network.state_dict())
+    rb = ReplayBuffer(args.buffer_size, args.num_envs, storage, device, args.prioritized_replay_alpha,
+                      args.prioritized_replay_eps)
+    print(f"replay: {ReplayBuffer.bytes_needed(args.buffer_size, args.num_envs) / 1e9:.2f} GB on {storage}, "
+          f"learner on {device}")
+    rng = np.random.default_rng(args.seed)  # exploration; its state is checkpointed
+
+    global_step, n_updates, n_target_syncs, best_eval, learning_from = 0, 0, 0, -float("inf"), 0
+    held_out: Optional[Batch] = None
+    if checkpoint:
+        q_network.load_state_dict(checkpoint["model"])
+        target_network.load_state_dict(checkpoint["target_model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if checkpoint["replay_buffer"] is not None:
+            rb.load_state_dict(checkpoint["replay_buffer"])
+        if checkpoint["held_out"] is not None:
+            held_out = Batch(*(t.to(device) for t in checkpoint["held_out"]))
+        rng.bit_generator.state = checkpoint["numpy_rng"]
+        torch.set_rng_state(checkpoint["torch_rng"])
+        if device.type == "cuda" and checkpoint["cuda_rng"] is not None:
+            torch.cuda.set_rng_state_all(checkpoint["cuda_rng"])
+        global_step, n_updates, n_target_syncs = checkpoint["global_step"], checkpoint["n_updates"], checkpoint["n_target_syncs"]
+        best_eval = checkpoint["best_eval"]
+        if checkpoint["replay_buffer"] is None:  # no updates until the empty buffer holds learning_starts new steps
+            learning_from = global_step + args.learning_starts
+        print(f"resumed {run_name} at step {global_step} from {args.resume}"
+              + ("" if learning_from == 0 else f"; refilling the replay buffer until step {learning_from}"))
+
+    def good_fields() -> dict:
+        return {"model": q_network.state_dict(), "target_model": target_network.state_dict(),
+                "optimizer": optimizer.state_dict(), "global_step": global_step, "n_updates": n_updates,
+                "n_target_syncs": n_target_syncs}
+
+    def training_state() -> dict:
+        return {"env_id": args.env_id, "n_actions": n_actions, "run_name": run_name, "args": asdict(args),
+                **good_fields(), "replay_buffer": rb.state_dict() if args.checkpoint_buffer else None,
+                "held_out": [t.cpu() for t in held_out] if held_out is not None else None,
+                "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+                "best_eval": best_eval}
+
+    def save_model(path: str) -> None:
+        save_checkpoint(path, {"env_id": args.env_id, "n_actions": n_actions, "model": q_network.state_dict(),
+                               "global_step": global_step})
+
+    # SIGINT/SIGTERM end the loop at the next step; a second signal kills at once (checkpoint writes are atomic).
+    stop_signal = []
+
+    def request_stop(signum, frame):
+        stop_signal.append(signum)
+        signal.signal(signum, signal.SIG_DFL)
+
+    previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    envs = make_env(game, args.num_envs, sticky, args.max_episode_frames, train=True)
+    obs, _ = envs.reset(seed=args.seed + global_step)
+    # each env's stream starts with the first frame of its game: a slot that is not a transition
+    rb.add(obs[:, -1], *np.zeros((3, args.num_envs)), firsts=np.ones(args.num_envs, dtype=bool))
+    autoreset = np.zeros(args.num_envs, dtype=bool)  # True where the next step is the reset step after a game over
+    episode_returns, episode_lengths = np.zeros(args.num_envs), np.zeros(args.num_envs, dtype=np.int64)
+    recent_returns: list[float] = []
+    update_stats = torch.zeros((LOG_EVERY, 2), device=device)  # (td_loss, mean Q) per update, read every LOG_EVERY
+    update_steps = [0] * LOG_EVERY  # the env step of each of those updates
+    good_state = copy.deepcopy(good_fields())  # the last learner state whose losses were all finite
+    start_time, start_step, last_print = time.time(), global_step, 0.0
+    is_tty = sys.stderr.isatty()
+    while global_step < args.total_timesteps and not stop_signal:
+        # ALGO LOGIC: put action logic here
+        epsilon = linear_schedule(args.start_e, args.end_e, int(args.exploration_fraction * args.total_timesteps),
+                                  global_step)
+        beta = linear_schedule(args.prioritized_replay_beta0, 1.0, args.total_timesteps, global_step)  # IS exponent
+        explore = rng.random(args.num_envs) < epsilon
+        actions = rng.integers(n_actions, size=args.num_envs)
+        if not explore.all():
+            with torch.inference_mode():
+                q_values = q_network(torch.from_numpy(obs).to(device))
+            actions = np.where(explore, actions, q_values.argmax(dim=1).cpu().numpy())  # sync point: host actions
+
+        # TRY NOT TO MODIFY: execute the game and log data. The envs step in ale-py's threads while the learner
+        # trains below; recv() then waits for them.
+        envs.send(actions)
+        global_step += args.num_envs
+
+        # ALGO LOGIC: training. Visit every env step this vector step covered, so that updates per env step stay
+        # 1/train_frequency and target syncs every target_network_frequency steps whatever num_envs is.
+        for step in range(global_step - args.num_envs + 1, global_step + 1):
+            if step <= args.learning_starts or step <= learning_from:
+                continue
+            if held_out is None:  # DeepMind's held-out states, drawn once from the (random-policy) warm-up data
+                held_out = rb.sample(HELD_OUT, beta)
+            if step % args.train_frequency == 0:
+                data = rb.sample(args.batch_size, beta)
+                td_target = compute_td_target(q_network, target_network, data.rewards, data.next_observations,
+                                              data.dones, args.gamma)
+                old_val = q_network(data.observations).gather(1, data.actions[:, None]).squeeze(1)
+                # importance-weighted Huber loss (Schaul et al. 2016, Alg. 1, line 11)
+                loss = (data.weights * F.smooth_l1_loss(old_val, td_target, reduction="none")).mean()
+                optimizer.zero_grad()
+                loss.backward()
+                nn.utils.clip_grad_norm_(q_network.parameters(), args.max_grad_norm)
+                optimizer.step()
+                rb.update_priorities(data.indices, td_target - old_val)
+                update_stats[n_updates % LOG_EVERY] = torch.stack((loss.detach(), old_val.detach().mean()))
+                update_steps[n_updates % LOG_EVERY] = step
+                n_updates += 1
+                if n_updates % LOG_EVERY == 0:
+                    stats = update_stats.cpu().numpy()  # sync point: once per LOG_EVERY updates
+                    if not np.isfinite(stats).all():
+                        bad_step = update_steps[int(np.flatnonzero(~np.isfinite(stats).all(axis=1))[0])]
+                        save_checkpoint(checkpoint_path, {**training_state(), **good_state})
+                        writer.close()
+                        print(f"error: non-finite TD loss or Q-values at env step {bad_step}; the last good state "
+                              f"(step {good_state['global_step']}) is saved in {checkpoint_path}; lower "
+                              "--learning-rate or check the rewards", file=sys.stderr)
+                        raise SystemExit(1)
+                    good_state = copy.deepcopy(good_fields())
+                    writer.add_scalar("losses/td_loss", stats[:, 0].mean(), step)
+                    writer.add_scalar("losses/q_values", stats[:, 1].mean(), step)
+                    sps = int((global_step - start_step) / (time.time() - start_time))
+                    writer.add_scalar("charts/SPS", sps, step)
+                    writer.add_scalar("charts/epsilon", epsilon, step)
+                    writer.add_scalar("charts/beta", beta, step)
+            if step % args.target_network_frequency == 0:
+                update_target(target_network, q_network, args.tau)
+                n_target_syncs += 1
+
+        next_obs, rewards, terminations, truncations, infos = envs.recv()
+        real = ~autoreset  # a reset step (action ignored, reward 0, obs = the new game's first) is not a transition
+        # terminated is a life loss or a game over; only lives == 0 (or the frame cap) ends the game
+        game_over = (terminations & (infos["lives"] == 0)) | truncations
+        episode_returns[real] += rewards[real]
+        episode_lengths[real] += 1
+        for i in np.flatnonzero(real & game_over):
+            recent_returns = (recent_returns + [float(episode_returns[i])])[-10:]
+            writer.add_scalar("charts/episodic_return", episode_returns[i], global_step)
+            writer.add_scalar("charts/episodic_length", episode_lengths[i], global_step)
+            episode_returns[i], episode_lengths[i] = 0, 0
+        # done = termination or life loss; a truncation bootstraps from its real final frame, stored in this slot
+        rb.add(next_obs[:, -1], actions, rewards, terminations, firsts=autoreset)
+        autoreset = game_over
+        obs = next_obs
+
+        done_training = global_step >= args.total_timesteps
+        if crossed(global_step, args.num_envs, args.eval_frequency) or done_training:
+            video_path = None
+            if args.capture_video:
+                os.makedirs(os.path.join(run_dir, "videos"), exist_ok=True)
+                video_path = os.path.join(run_dir, "videos", f"eval_step{global_step}.mp4")
+            returns = evaluate(q_network, game, sticky, args.max_episode_frames, args.eval_episodes,
+                               args.eval_epsilon, args.seed + 1_000_000 + global_step, device, video_path)
+            writer.add_scalar("eval/episodic_return", returns.mean(), global_step)
+            if held_out is not None:  # Mnih et al. 2015, Fig. 2: average max Q on held-out states, and the TD error
+                with torch.inference_mode():
+                    q_held = q_network(held_out.observations)
+                    td_held = compute_td_target(q_network, target_network, held_out.rewards,
+                                                held_out.next_observations, held_out.dones, args.gamma)
+                    td_error = (td_held - q_held.gather(1, held_out.actions[:, None]).squeeze(1)).abs().mean()
+                writer.add_scalar("eval/avg_max_q", q_held.max(dim=1).values.mean().item(), global_step)
+                writer.add_scalar("eval/td_error", td_error.item(), global_step)
+            print(("\n" if is_tty else "") + f"step {global_step}: eval return {returns.mean():.2f} +- {returns.std():.2f}")
+            if returns.mean() > best_eval:
+                best_eval = float(returns.mean())
+                save_model(os.path.join(run_dir, "best_model.pt"))
+        if crossed(global_step, args.num_envs, args.checkpoint_frequency):
+            save_checkpoint(checkpoint_path, training_state())
+        if is_tty and time.time() - last_print > 0.5:
+            last_print = time.time()
+            sps = (global_step - start_step) / (last_print - start_time)
+            recent = f"{np.mean(recent_returns):.1f}" if recent_returns else "-"
+            print(f"\r{global_step:>11,}/{args.total_timesteps:,} steps | {sps:,.0f} SPS | "
+                  f"ETA {(args.total_timesteps - global_step) / max(sps, 1e-9) / 60:.1f} min | "
+                  f"return(10) {recent} | eps {epsilon:.3f}   ", end="", file=sys.stderr, flush=True)
+
+    envs.close()
+    for signum, handler in previous_handlers.items():
+        signal.signal(signum, handler)
+    if is_tty:
+        print(file=sys.stderr)
+    save_checkpoint(checkpoint_path, training_state())
+    if args.save_model:
+        model_path = os.path.join(run_dir, f"{args.exp_name}.cleanrl_model")
+        save_model(model_path)
+        print(f"model saved to {model_path}")
+    writer.close()
+    print(f"finished {run_name}: {global_step} steps, {n_updates} gradient updates, {n_target_syncs} target syncs "
+          f"in {time.time() - start_time:.1f}s; best eval return {best_eval:.2f}")
+    if stop_signal:
+        print(f"stopped by signal {stop_signal[0]} at step {global_step}; resume with --resume {checkpoint_path}",
+              file=sys.stderr)
+        raise SystemExit(128 + stop_signal[0])
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

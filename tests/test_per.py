@@ -1,0 +1,139 @@
+"""dqn_atari_dueling_per.py: the sum tree, prioritized sampling and importance weights, the dueling head and the
+double target. (Env, replay stacks and smoke runs are shared with dqn_atari.py in test_atari.py.)"""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from helpers import load_script
+
+per = load_script("dqn_atari_dueling_per")
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_root_is_the_sum_of_leaves_after_random_batch_updates(device):
+    torch.manual_seed(0)
+    tree = per.SumTree(1000, torch.device(device))
+    assert tree.size == 1024
+    for _ in range(200):
+        indices = torch.randint(1000, (64,), device=device)  # duplicates included
+        tree.set(indices, torch.rand(64, dtype=torch.float64, device=device) * 10)
+    leaves = tree.sums[tree.size:]
+    assert torch.allclose(tree.sums[1], leaves.sum(), rtol=1e-12)
+    assert tree.mins[1] == leaves[leaves > 0].min()
+    # every internal node is the sum (and min) of its children
+    parents = torch.arange(1, tree.size, device=device)
+    assert torch.allclose(tree.sums[parents], tree.sums[2 * parents] + tree.sums[2 * parents + 1], rtol=1e-12)
+    assert torch.equal(tree.mins[parents], torch.minimum(tree.mins[2 * parents], tree.mins[2 * parents + 1]))
+
+
+def test_duplicate_indices_in_one_update_count_once():
+    tree = per.SumTree(8, torch.device("cpu"))
+    tree.set(torch.arange(8), torch.ones(8, dtype=torch.float64))
+    tree.set(torch.tensor([3, 3, 3, 5]), torch.tensor([4.0, 4.0, 4.0, 2.0], dtype=torch.float64))
+    assert tree.sums[1] == 6 * 1 + 4 + 2  # an increment-based tree would count leaf 3 three times
+    tree.set(torch.tensor([0, 0]), torch.tensor([0.0, 0.0], dtype=torch.float64))
+    assert tree.sums[1] == 11 and tree.mins[1] == 1  # a zero leaf is not a transition: not the minimum
+
+
+def test_sampling_frequencies_match_priorities():
+    torch.manual_seed(123)
+    tree = per.SumTree(10, torch.device("cpu"))
+    priorities = torch.tensor([1.0, 0, 2, 3, 0.5, 0, 8, 1, 0.25, 4.25], dtype=torch.float64)  # total 20
+    tree.set(torch.arange(10), priorities)
+    draws = torch.cat([tree.sample(32) for _ in range(5000)])  # stratified batches of 32, 160k draws
+    counts = torch.bincount(draws, minlength=tree.size).double()
+    assert counts[10:].sum() == 0 and counts[:10][priorities == 0].sum() == 0  # padding, zero leaves: never drawn
+    expected = priorities / priorities.sum() * len(draws)
+    nonzero = priorities > 0
+    chi2 = (((counts[:10] - expected) ** 2)[nonzero] / expected[nonzero]).sum().item()
+    assert chi2 < 26.1  # chi-square, 7 degrees of freedom, p = 0.0005
+
+
+def test_stratified_sampling_spreads_a_batch_over_the_mass():
+    tree = per.SumTree(4, torch.device("cpu"))
+    tree.set(torch.arange(4), torch.ones(4, dtype=torch.float64))
+    for _ in range(20):  # one draw in each quarter of the mass: every leaf exactly once
+        assert sorted(tree.sample(4).tolist()) == [0, 1, 2, 3]
+
+
+def make_buffer(td_errors: list[float], alpha=0.6, eps=1e-6):
+    """A buffer with one env whose transitions have known priorities (the first slot is a game's first frame)."""
+    n = len(td_errors)
+    rb = per.ReplayBuffer(n + 1, 1, torch.device("cpu"), torch.device("cpu"), alpha=alpha, eps=eps)
+    frames = np.zeros((1, 84, 84), dtype=np.uint8)
+    rb.add(frames, np.zeros(1), np.zeros(1), np.zeros(1), np.ones(1, dtype=bool))
+    for _ in range(n):
+        rb.add(frames, np.zeros(1), np.zeros(1), np.zeros(1), np.zeros(1, dtype=bool))
+    rb.update_priorities(torch.arange(1, n + 1), torch.tensor(td_errors))
+    return rb
+
+
+def test_new_transitions_get_the_max_priority_and_firsts_get_none():
+    rb = make_buffer([0.5, 2.0, 1.0])
+    assert rb.tree.leaves(torch.tensor([0])).item() == 0  # the first frame of a game
+    frames = np.zeros((1, 84, 84), dtype=np.uint8)
+    rb.add(frames, np.zeros(1), np.zeros(1), np.zeros(1), np.zeros(1, dtype=bool))
+    newest = (rb.pos - 1) % rb.per_env
+    assert rb.tree.leaves(torch.tensor([newest])).item() == pytest.approx((2.0 + 1e-6) ** 0.6)
+
+
+def test_importance_weights_match_a_hand_computation():
+    td = [0.5, 2.0, 1.0, 4.0]
+    rb = make_buffer(td, alpha=0.6, eps=1e-6)
+    p = (np.array(td) + 1e-6) ** 0.6  # priorities of slots 1..4
+    P = p / p.sum()
+    N = len(td)
+    max_w = (N * P.min()) ** -0.5  # from the smallest priority in the buffer, not in the batch
+    torch.manual_seed(0)
+    batch = rb.sample(64, beta=0.5)
+    for index, weight in zip(batch.indices.tolist(), batch.weights.tolist()):
+        assert weight == pytest.approx((N * P[index - 1]) ** -0.5 / max_w, rel=1e-6)
+    assert 0 not in batch.indices.tolist()
+    assert max(batch.weights.tolist()) <= 1.0
+
+
+def test_oldest_slots_of_a_full_ring_are_never_sampled():
+    rb = per.ReplayBuffer(8, 1, torch.device("cpu"), torch.device("cpu"))
+    frames = np.zeros((1, 84, 84), dtype=np.uint8)
+    for _ in range(20):  # wraps: the 4 oldest slots miss frames of their obs stack
+        rb.add(frames, np.zeros(1), np.zeros(1), np.zeros(1), np.zeros(1, dtype=bool))
+    oldest = [(rb.pos + k) % rb.per_env for k in range(4)]
+    assert rb.tree.leaves(torch.tensor(oldest)).eq(0).all()
+    drawn = set(rb.sample(4096, beta=0.4).indices.tolist())
+    assert drawn == set(range(8)) - set(oldest)
+
+
+def test_dueling_head_advantages_have_zero_mean():
+    torch.manual_seed(0)
+    q = per.QNetwork(n_actions=6)
+    x = torch.randint(0, 256, (5, 4, 84, 84), dtype=torch.uint8)
+    with torch.no_grad():
+        features = q.network(x / 255.0)
+        value = q.value(features).squeeze(1)
+        q_values = q(x)
+    # mean_a Q(s, a) = V(s) because the advantages are centred
+    assert torch.allclose(q_values.mean(dim=1), value, atol=1e-5)
+    assert q_values.std(dim=1).min() > 0  # and the actions still differ
+
+
+class FixedQ(nn.Module):
+    def __init__(self, values):
+        super().__init__()
+        self.values = torch.tensor(values)
+
+    def forward(self, x):
+        return self.values
+
+
+def test_double_target_uses_the_online_argmax_and_target_value():
+    online = FixedQ([[1.0, 5.0, 2.0], [3.0, 0.0, 9.0]])  # argmax: action 1, action 2
+    target = FixedQ([[7.0, 2.0, 4.0], [1.0, 8.0, 6.0]])  # its own max would be 7 and 8
+    rewards = torch.tensor([3.0, -0.5])  # clipped to sign: 1, -1
+    dones = torch.tensor([0.0, 0.0])
+    y = per.compute_td_target(online, target, rewards, torch.zeros(2, 4, 84, 84), dones, gamma=0.5)
+    assert torch.allclose(y, torch.tensor([1 + 0.5 * 2.0, -1 + 0.5 * 6.0]))
+    y = per.compute_td_target(online, target, rewards, torch.zeros(2, 4, 84, 84), torch.tensor([1.0, 0.0]), 0.5)
+    assert y[0] == 1.0  # a terminal transition does not bootstrap

@@ -78,9 +78,9 @@ class Args:
     """the replay memory buffer size"""
     gamma: float = 0.99
     """the discount factor gamma"""
-    tau: float = 1.0
+    tau: float = 0.01
     """the target network update rate (1.0: hard copy)"""
-    target_network_frequency: int = 500
+    target_network_frequency: int = 1
     """the frequency (in env steps) of target network updates"""
     batch_size: int = 128
     """the batch size of sample from the replay memory"""
@@ -88,7 +88,7 @@ class Args:
     """the starting epsilon for exploration"""
     end_e: float = 0.01
     """the ending epsilon for exploration"""
-    exploration_fraction: float = 0.2
+    exploration_fraction: float = 0.1
     """the fraction of `total-timesteps` it takes from start-e to go end-e"""
     learning_starts: int = 1_000
     """env step to start learning"""

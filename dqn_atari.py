@@ -17,13 +17,14 @@ evaluation is separate: full games, epsilon 0.05, as in the paper.
 
 import copy
 import difflib
+import glob
 import os
 import re
 import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import NamedTuple, NoReturn, Optional
+from typing import Callable, NamedTuple, NoReturn, Optional
 
 import ale_py
 import cv2
@@ -367,6 +368,22 @@ def load_checkpoint(path: str, env_id: str, n_actions: int) -> dict:
     return state
 
 
+def check_writable(run_dir: str) -> None:
+    """Fails early, writing nothing, unless run_dir is, or can be made, a writable directory."""
+    existing = run_dir
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing) or "."
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        fail(f"cannot write the run directory {run_dir!r}: {existing!r} is not a writable directory")
+
+
+def load_weights(module: nn.Module, state_dict: dict, path: str) -> None:
+    try:
+        module.load_state_dict(state_dict)
+    except RuntimeError as e:
+        fail(f"{path!r} holds another network ({str(e).splitlines()[0].rstrip(':.')}); use the flags it was trained with")
+
+
 def write_video(path: str, frames: list[np.ndarray], fps: int = 15) -> None:
     """MP4 through OpenCV (no moviepy); frames are RGB uint8 (H, W, 3). 15 fps = real time at frameskip 4."""
     height, width = frames[0].shape[:2]
@@ -377,10 +394,12 @@ def write_video(path: str, frames: list[np.ndarray], fps: int = 15) -> None:
 
 
 def evaluate(q_network: nn.Module, game: str, sticky: float, max_frames: int, episodes: int, epsilon: float,
-             seed: int, device: torch.device, video_path: Optional[str] = None) -> np.ndarray:
+             seed: int, device: torch.device, video_path: Optional[str] = None,
+             stop: Callable[[], bool] = lambda: False) -> np.ndarray:
     """Plays `episodes` full games at once, one per env (so long games are not under-counted); returns the scores.
 
     The video comes from a second, colour env that replays game 0 in lockstep: same seed, same actions.
+    `stop()` true ends the evaluation early (a signal arrived); the scores are then incomplete.
     """
     envs = make_env(game, episodes, sticky, max_frames, train=False)
     video_env = make_env(game, 1, sticky, max_frames, train=False, rgb=True) if video_path else None
@@ -388,7 +407,7 @@ def evaluate(q_network: nn.Module, game: str, sticky: float, max_frames: int, ep
     obs, _ = envs.reset(seed=seed)
     frames = [video_env.reset(seed=seed)[0][0, 0]] if video_env else []
     returns, finished = np.zeros(episodes), np.zeros(episodes, dtype=bool)
-    while not finished.all():
+    while not finished.all() and not stop():
         with torch.inference_mode():
             q_values = q_network(torch.from_numpy(obs).to(device))
         actions = q_values.argmax(dim=1).cpu().numpy()  # sync point: the env needs host actions
@@ -417,7 +436,6 @@ def main(args: Args) -> None:
         checkpoint = load_checkpoint(args.resume, args.env_id, n_actions)
         if "optimizer" not in checkpoint:
             fail(f"{args.resume!r} is a saved model, not a checkpoint; use --play to evaluate it")
-        args.run_name = args.run_name or checkpoint["run_name"]
     if args.cuda and not torch.cuda.is_available():
         print("warning: --cuda was given but CUDA is not available; running on the CPU", file=sys.stderr)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
@@ -427,7 +445,7 @@ def main(args: Args) -> None:
     if args.play:
         state = load_checkpoint(args.play, args.env_id, n_actions)
         q_network = QNetwork(n_actions).to(device)
-        q_network.load_state_dict(state["model"])
+        load_weights(q_network, state["model"], args.play)
         video_path = None
         if args.capture_video:
             os.makedirs("videos", exist_ok=True)
@@ -439,26 +457,13 @@ def main(args: Args) -> None:
         return
     storage = replay_storage(args, device)
 
-    run_name = args.run_name or f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = args.run_name or (checkpoint["run_name"] if checkpoint else
+                                 f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}")
     run_dir = os.path.join("runs", run_name)
-    try:
-        os.makedirs(run_dir, exist_ok=True)
-        probe = os.path.join(run_dir, f".write-test{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        fail(f"cannot write the run directory {run_dir!r} ({e.strerror}); fix its permissions or pass --run-name")
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
-
-    if args.track:
-        import wandb
-
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, group=args.wandb_group,
-                   sync_tensorboard=True, config=vars(args), name=run_name, id=run_name, resume="allow",
-                   dir=run_dir, save_code=True)
-    writer = SummaryWriter(run_dir, purge_step=checkpoint["global_step"] if checkpoint else None)
-    writer.add_text("hyperparameters",
-                    "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])))
+    if not checkpoint and os.path.exists(checkpoint_path):  # never overwrite a run's checkpoint with a new run
+        fail(f"{run_dir} already holds a run; continue it with --resume {checkpoint_path} or pass another --run-name")
+    check_writable(run_dir)
 
     # ALGO LOGIC: initialize agent here:
     q_network = QNetwork(n_actions).to(device)
@@ -473,8 +478,8 @@ def main(args: Args) -> None:
     global_step, n_updates, n_target_syncs, best_eval, learning_from = 0, 0, 0, -float("inf"), 0
     held_out: Optional[Batch] = None
     if checkpoint:
-        q_network.load_state_dict(checkpoint["model"])
-        target_network.load_state_dict(checkpoint["target_model"])
+        load_weights(q_network, checkpoint["model"], args.resume)
+        load_weights(target_network, checkpoint["target_model"], args.resume)
         optimizer.load_state_dict(checkpoint["optimizer"])
         if checkpoint["replay_buffer"] is not None:
             rb.load_state_dict(checkpoint["replay_buffer"])
@@ -488,6 +493,20 @@ def main(args: Args) -> None:
         best_eval = checkpoint["best_eval"]
         if checkpoint["replay_buffer"] is None:  # no updates until the empty buffer holds learning_starts new steps
             learning_from = global_step + args.learning_starts
+
+    os.makedirs(run_dir, exist_ok=True)
+    for stale in glob.glob(f"{checkpoint_path}.tmp*"):  # left by a process killed while writing a checkpoint
+        os.remove(stale)
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, group=args.wandb_group,
+                   sync_tensorboard=True, config=vars(args), name=run_name, id=run_name, resume="allow",
+                   dir=run_dir, save_code=True)
+    writer = SummaryWriter(run_dir, purge_step=checkpoint["global_step"] if checkpoint else None)
+    writer.add_text("hyperparameters",
+                    "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])))
+    if checkpoint:
         print(f"resumed {run_name} at step {global_step} from {args.resume}"
               + ("" if learning_from == 0 else f"; refilling the replay buffer until step {learning_from}"))
 
@@ -607,7 +626,10 @@ def main(args: Args) -> None:
                 os.makedirs(os.path.join(run_dir, "videos"), exist_ok=True)
                 video_path = os.path.join(run_dir, "videos", f"eval_step{global_step}.mp4")
             returns = evaluate(q_network, game, sticky, args.max_episode_frames, args.eval_episodes,
-                               args.eval_epsilon, args.seed + 1_000_000 + global_step, device, video_path)
+                               args.eval_epsilon, args.seed + 1_000_000 + global_step, device, video_path,
+                               stop=lambda: bool(stop_signal))
+            if stop_signal:  # a signal cut the evaluation short: stop without logging it
+                break
             writer.add_scalar("eval/episodic_return", returns.mean(), global_step)
             if held_out is not None:  # Mnih et al. 2015, Fig. 2: average max Q on held-out states, and the TD error
                 with torch.inference_mode():

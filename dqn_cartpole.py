@@ -13,13 +13,14 @@ arXiv:1712.00378); only a true termination cuts the return. Defaults are tuned t
 
 import copy
 import difflib
+import glob
 import os
 import re
 import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import NamedTuple, NoReturn, Optional
+from typing import Callable, NamedTuple, NoReturn, Optional
 
 import ale_py
 import cv2
@@ -284,6 +285,22 @@ def load_checkpoint(path: str, env_id: str, n_actions: int) -> dict:
     return state
 
 
+def check_writable(run_dir: str) -> None:
+    """Fails early, writing nothing, unless run_dir is, or can be made, a writable directory."""
+    existing = run_dir
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing) or "."
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        fail(f"cannot write the run directory {run_dir!r}: {existing!r} is not a writable directory")
+
+
+def load_weights(module: nn.Module, state_dict: dict, path: str) -> None:
+    try:
+        module.load_state_dict(state_dict)
+    except RuntimeError as e:
+        fail(f"{path!r} holds another network ({str(e).splitlines()[0].rstrip(':.')}); use the flags it was trained with")
+
+
 def write_video(path: str, frames: list[np.ndarray], fps: int = 30) -> None:
     """MP4 through OpenCV (no moviepy); frames are RGB uint8 (H, W, 3)."""
     height, width = frames[0].shape[:2]
@@ -294,14 +311,17 @@ def write_video(path: str, frames: list[np.ndarray], fps: int = 30) -> None:
 
 
 def evaluate(q_network: nn.Module, env_id: str, episodes: int, epsilon: float, seed: int, device: torch.device,
-             video_path: Optional[str] = None) -> np.ndarray:
-    """Plays `episodes` episodes at once, one per env (so long episodes are not under-counted); returns their returns."""
+             video_path: Optional[str] = None, stop: Callable[[], bool] = lambda: False) -> np.ndarray:
+    """Plays `episodes` episodes at once, one per env (so long episodes are not under-counted); returns their returns.
+
+    `stop()` true ends the evaluation early (a signal arrived); the returns are then incomplete.
+    """
     envs = gym.vector.SyncVectorEnv([make_env(env_id, seed + i, render=video_path is not None and i == 0)
                                      for i in range(episodes)])
     rng = np.random.default_rng(seed)
     obs, _ = envs.reset(seed=seed)
     returns, finished, frames = np.zeros(episodes), np.zeros(episodes, dtype=bool), []
-    while not finished.all():
+    while not finished.all() and not stop():
         if video_path is not None and not finished[0]:
             frames.append(envs.envs[0].render())
         with torch.inference_mode():
@@ -326,7 +346,6 @@ def main(args: Args) -> None:
         checkpoint = load_checkpoint(args.resume, args.env_id, n_actions)
         if "optimizer" not in checkpoint:
             fail(f"{args.resume!r} is a saved model, not a checkpoint; use --play to evaluate it")
-        args.run_name = args.run_name or checkpoint["run_name"]
     if args.cuda and not torch.cuda.is_available():
         print("warning: --cuda was given but CUDA is not available; running on the CPU", file=sys.stderr)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
@@ -336,7 +355,7 @@ def main(args: Args) -> None:
     if args.play:
         state = load_checkpoint(args.play, args.env_id, n_actions)
         q_network = QNetwork(obs_dim, n_actions, tuple(state["hidden_sizes"])).to(device)
-        q_network.load_state_dict(state["model"])
+        load_weights(q_network, state["model"], args.play)
         video_path = None
         if args.capture_video:
             os.makedirs("videos", exist_ok=True)
@@ -347,26 +366,13 @@ def main(args: Args) -> None:
               f" (min {returns.min():.1f}, max {returns.max():.1f})" + (f"; video: {video_path}" if video_path else ""))
         return
 
-    run_name = args.run_name or f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = args.run_name or (checkpoint["run_name"] if checkpoint else
+                                 f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}")
     run_dir = os.path.join("runs", run_name)
-    try:
-        os.makedirs(run_dir, exist_ok=True)
-        probe = os.path.join(run_dir, f".write-test{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        fail(f"cannot write the run directory {run_dir!r} ({e.strerror}); fix its permissions or pass --run-name")
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
-
-    if args.track:
-        import wandb
-
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, group=args.wandb_group,
-                   sync_tensorboard=True, config=vars(args), name=run_name, id=run_name, resume="allow",
-                   dir=run_dir, save_code=True)
-    writer = SummaryWriter(run_dir, purge_step=checkpoint["global_step"] if checkpoint else None)
-    writer.add_text("hyperparameters",
-                    "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])))
+    if not checkpoint and os.path.exists(checkpoint_path):  # never overwrite a run's checkpoint with a new run
+        fail(f"{run_dir} already holds a run; continue it with --resume {checkpoint_path} or pass another --run-name")
+    check_writable(run_dir)
 
     # ALGO LOGIC: initialize agent here:
     q_network = QNetwork(obs_dim, n_actions, args.hidden_sizes).to(device)
@@ -378,28 +384,39 @@ def main(args: Args) -> None:
 
     global_step, n_updates, n_target_syncs, best_eval = 0, 0, 0, -float("inf")
     if checkpoint:
-        q_network.load_state_dict(checkpoint["model"])
-        target_network.load_state_dict(checkpoint["target_model"])
+        load_weights(q_network, checkpoint["model"], args.resume)
+        load_weights(target_network, checkpoint["target_model"], args.resume)
         optimizer.load_state_dict(checkpoint["optimizer"])
         rb.load_state_dict(checkpoint["replay_buffer"])
         rng.bit_generator.state = checkpoint["numpy_rng"]
         torch.set_rng_state(checkpoint["torch_rng"])
         global_step, n_updates, n_target_syncs = checkpoint["global_step"], checkpoint["n_updates"], checkpoint["n_target_syncs"]
         best_eval = checkpoint["best_eval"]
-        print(f"resumed {run_name} at step {global_step} from {args.resume}")
 
-    def training_state() -> dict:
-        return {"env_id": args.env_id, "n_actions": n_actions, "hidden_sizes": list(args.hidden_sizes),
-                "run_name": run_name, "args": asdict(args), "model": q_network.state_dict(),
-                "target_model": target_network.state_dict(), "optimizer": optimizer.state_dict(),
-                "replay_buffer": rb.state_dict(), "numpy_rng": rng.bit_generator.state,
-                "torch_rng": torch.get_rng_state(), "global_step": global_step, "n_updates": n_updates,
-                "n_target_syncs": n_target_syncs, "best_eval": best_eval}
+    os.makedirs(run_dir, exist_ok=True)
+    for stale in glob.glob(f"{checkpoint_path}.tmp*"):  # left by a process killed while writing a checkpoint
+        os.remove(stale)
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, group=args.wandb_group,
+                   sync_tensorboard=True, config=vars(args), name=run_name, id=run_name, resume="allow",
+                   dir=run_dir, save_code=True)
+    writer = SummaryWriter(run_dir, purge_step=checkpoint["global_step"] if checkpoint else None)
+    writer.add_text("hyperparameters",
+                    "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])))
+    if checkpoint:
+        print(f"resumed {run_name} at step {global_step} from {args.resume}")
 
     def good_fields() -> dict:
         return {"model": q_network.state_dict(), "target_model": target_network.state_dict(),
                 "optimizer": optimizer.state_dict(), "global_step": global_step, "n_updates": n_updates,
                 "n_target_syncs": n_target_syncs}
+
+    def training_state() -> dict:
+        return {"env_id": args.env_id, "n_actions": n_actions, "hidden_sizes": list(args.hidden_sizes),
+                "run_name": run_name, "args": asdict(args), **good_fields(), "replay_buffer": rb.state_dict(),
+                "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "best_eval": best_eval}
 
     def save_model(path: str) -> None:
         save_checkpoint(path, {"env_id": args.env_id, "n_actions": n_actions, "hidden_sizes": list(args.hidden_sizes),
@@ -420,6 +437,7 @@ def main(args: Args) -> None:
     episode_returns, episode_lengths = np.zeros(args.num_envs), np.zeros(args.num_envs, dtype=np.int64)
     recent_returns: list[float] = []
     update_stats = torch.zeros((LOG_EVERY, 2), device=device)  # (td_loss, mean Q) per update, read every LOG_EVERY
+    update_steps = [0] * LOG_EVERY  # the env step of each of those updates
     good_state = copy.deepcopy(good_fields())  # the last learner state whose losses were all finite
     start_time, start_step, last_print = time.time(), global_step, 0.0
     is_tty = sys.stderr.isatty()
@@ -467,19 +485,17 @@ def main(args: Args) -> None:
                 loss.backward()
                 optimizer.step()
                 update_stats[n_updates % LOG_EVERY] = torch.stack((loss.detach(), old_val.detach().mean()))
+                update_steps[n_updates % LOG_EVERY] = step
                 n_updates += 1
                 if n_updates % LOG_EVERY == 0:
                     stats = update_stats.cpu().numpy()  # sync point: once per LOG_EVERY updates
                     if not np.isfinite(stats).all():
-                        # the first bad update, counted back from this one, names the env step it happened at
-                        bad_update = n_updates - LOG_EVERY + int(np.flatnonzero(~np.isfinite(stats).all(axis=1))[0])
-                        bad_step = (args.learning_starts // args.train_frequency + 1 + bad_update) * args.train_frequency
+                        bad_step = update_steps[int(np.flatnonzero(~np.isfinite(stats).all(axis=1))[0])]
                         save_checkpoint(checkpoint_path, {**training_state(), **good_state})
                         writer.close()
-                        fail_line = (f"error: non-finite TD loss or Q-values at env step {bad_step}; the last good "
-                                     f"state (step {good_state['global_step']}) is saved in {checkpoint_path}; "
-                                     "lower --learning-rate or check the rewards")
-                        print(fail_line, file=sys.stderr)
+                        print(f"error: non-finite TD loss or Q-values at env step {bad_step}; the last good state "
+                              f"(step {good_state['global_step']}) is saved in {checkpoint_path}; lower "
+                              "--learning-rate or check the rewards", file=sys.stderr)
                         raise SystemExit(1)
                     good_state = copy.deepcopy(good_fields())
                     writer.add_scalar("losses/td_loss", stats[:, 0].mean(), step)
@@ -498,7 +514,10 @@ def main(args: Args) -> None:
                 os.makedirs(os.path.join(run_dir, "videos"), exist_ok=True)
                 video_path = os.path.join(run_dir, "videos", f"eval_step{global_step}.mp4")
             returns = evaluate(q_network, args.env_id, args.eval_episodes, args.eval_epsilon,
-                               args.seed + 1_000_000 + global_step, device, video_path)
+                               args.seed + 1_000_000 + global_step, device, video_path,
+                               stop=lambda: bool(stop_signal))
+            if stop_signal:  # a signal cut the evaluation short: stop without logging it
+                break
             writer.add_scalar("eval/episodic_return", returns.mean(), global_step)
             print(("\n" if is_tty else "") + f"step {global_step}: eval return {returns.mean():.2f} +- {returns.std():.2f}")
             if returns.mean() > best_eval:

@@ -247,8 +247,8 @@ class ReplayBuffer:
     def state_dict(self) -> dict:
         return {"pos": self.pos, "size": self.size, "rows": self.rows.cpu()}
 
-    def load_state_dict(self, state: dict) -> None:
-        if state["rows"].shape != self.rows.shape:
+    def load_state_dict(self, state: Optional[dict]) -> None:
+        if not isinstance(state, dict) or getattr(state.get("rows"), "shape", None) != self.rows.shape:
             fail("the checkpoint's replay buffer has another --buffer-size or observation size; resume with the same")
         self.rows.copy_(state["rows"])
         self.pos, self.size = state["pos"], state["size"]
@@ -276,7 +276,8 @@ def load_checkpoint(path: str, env_id: str, n_actions: int) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        fail(f"cannot load {path!r}, it is corrupt or not a checkpoint of this script ({type(e).__name__})")
+        fail(f"cannot load {path!r}: corrupt, not a checkpoint, or holding more than weights, which weights_only "
+             f"loading refuses ({type(e).__name__})")
     if not isinstance(state, dict) or "model" not in state or "env_id" not in state:
         fail(f"{path!r} is not a model or checkpoint written by {os.path.basename(__file__)}")
     if state["env_id"] != env_id or state["n_actions"] != n_actions:
@@ -298,7 +299,8 @@ def load_weights(module: nn.Module, state_dict: dict, path: str) -> None:
     try:
         module.load_state_dict(state_dict)
     except RuntimeError as e:
-        fail(f"{path!r} holds another network ({str(e).splitlines()[0].rstrip(':.')}); use the flags it was trained with")
+        reason = str(e).splitlines()[0].rstrip(":.")
+        fail(f"{path!r} holds another network ({reason}); use the script and flags it was trained with")
 
 
 def write_video(path: str, frames: list[np.ndarray], fps: int = 30) -> None:
@@ -366,8 +368,8 @@ def main(args: Args) -> None:
               f" (min {returns.min():.1f}, max {returns.max():.1f})" + (f"; video: {video_path}" if video_path else ""))
         return
 
-    run_name = args.run_name or (checkpoint["run_name"] if checkpoint else
-                                 f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    run_name = (args.run_name or (checkpoint or {}).get("run_name")
+                or f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}")
     run_dir = os.path.join("runs", run_name)
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
     if not checkpoint and os.path.exists(checkpoint_path):  # never overwrite a run's checkpoint with a new run
@@ -379,19 +381,23 @@ def main(args: Args) -> None:
     optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, fused=True)
     target_network = QNetwork(obs_dim, n_actions, args.hidden_sizes).to(device)
     target_network.load_state_dict(q_network.state_dict())
-    rb = ReplayBuffer(args.buffer_size, obs_dim, device)
     rng = np.random.default_rng(args.seed)  # exploration; its state is checkpointed
 
     global_step, n_updates, n_target_syncs, best_eval = 0, 0, 0, -float("inf")
     if checkpoint:
-        load_weights(q_network, checkpoint["model"], args.resume)
-        load_weights(target_network, checkpoint["target_model"], args.resume)
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        rb.load_state_dict(checkpoint["replay_buffer"])
-        rng.bit_generator.state = checkpoint["numpy_rng"]
-        torch.set_rng_state(checkpoint["torch_rng"])
-        global_step, n_updates, n_target_syncs = checkpoint["global_step"], checkpoint["n_updates"], checkpoint["n_target_syncs"]
-        best_eval = checkpoint["best_eval"]
+        try:
+            load_weights(q_network, checkpoint["model"], args.resume)
+            load_weights(target_network, checkpoint["target_model"], args.resume)
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            rng.bit_generator.state = checkpoint["numpy_rng"]
+            torch.set_rng_state(checkpoint["torch_rng"])
+            global_step, n_updates = checkpoint["global_step"], checkpoint["n_updates"]
+            n_target_syncs, best_eval = checkpoint["n_target_syncs"], checkpoint["best_eval"]
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            fail(f"{args.resume!r} is not a complete checkpoint of this script ({type(e).__name__}: {e})")
+    rb = ReplayBuffer(args.buffer_size, obs_dim, device)
+    if checkpoint:
+        rb.load_state_dict(checkpoint.get("replay_buffer"))
 
     os.makedirs(run_dir, exist_ok=True)
     for stale in glob.glob(f"{checkpoint_path}.tmp*"):  # left by a process killed while writing a checkpoint
@@ -519,7 +525,8 @@ def main(args: Args) -> None:
             if stop_signal:  # a signal cut the evaluation short: stop without logging it
                 break
             writer.add_scalar("eval/episodic_return", returns.mean(), global_step)
-            print(("\n" if is_tty else "") + f"step {global_step}: eval return {returns.mean():.2f} +- {returns.std():.2f}")
+            print(("\n" if is_tty else "")
+                  + f"step {global_step}: eval return {returns.mean():.2f} +- {returns.std():.2f}")
             if returns.mean() > best_eval:
                 best_eval = float(returns.mean())
                 save_model(os.path.join(run_dir, "best_model.pt"))

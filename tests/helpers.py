@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,3 +55,26 @@ def read_tags(run_dir) -> set[str]:
     acc = EventAccumulator(str(run_dir))
     acc.Reload()
     return set(acc.Tags()["scalars"]) | {f"text:{t}" for t in acc.Tags().get("tensors", [])}
+
+
+def wait_until(predicate, proc, timeout: float = 300, poll: float = 0.05) -> None:
+    """Polls predicate() until true; fails early with the process's output if it exits first."""
+    deadline = time.time() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"process exited with {proc.returncode} first:\n{out}\n{err}")
+        if time.time() > deadline:
+            proc.kill()
+            raise AssertionError("timed out")
+        time.sleep(poll)
+
+
+def checkpoint_step(path) -> int | None:
+    """The global_step of a checkpoint file, or None while it does not exist (or is being replaced)."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)["global_step"]
+    except (FileNotFoundError, RuntimeError, EOFError):
+        return None

@@ -1,0 +1,361 @@
+"""Reliability and security of all three scripts: bad input (one line, exit 2, nothing written), SIGKILL and resume,
+kills during checkpoint writes, clean SIGINT/SIGTERM stops, non-finite losses, untrusted checkpoints, run paths,
+determinism, and resumed runs keeping the schedules of uninterrupted ones."""
+
+import glob
+import os
+import signal
+
+import gymnasium as gym
+import pytest
+import torch
+import tyro
+
+from helpers import SCRIPTS, checkpoint_step, finished_counts, load_script, read_scalars, run_script, wait_until
+
+ATARI = ["dqn_atari", "dqn_atari_dueling_per"]
+# short runs: a few hundred env steps of warm-up, then a little training
+FAST = {
+    "dqn_cartpole": ["--learning-starts", 200, "--eval-episodes", 2, "--eval-frequency", 0],
+    "dqn_atari": ["--learning-starts", 200, "--buffer-size", 2000, "--num-envs", 2, "--train-frequency", 8,
+                  "--eval-episodes", 1, "--max-episode-frames", 800, "--eval-frequency", 0],
+}
+FAST["dqn_atari_dueling_per"] = FAST["dqn_atari"]
+ENV = {"dqn_cartpole": "CartPole-v1", "dqn_atari": "BreakoutNoFrameskip-v4",
+       "dqn_atari_dueling_per": "BreakoutNoFrameskip-v4"}
+
+
+@pytest.fixture(params=SCRIPTS)
+def script(request):
+    return request.param
+
+
+# ---------------------------------------------------------------- bad input
+def other_game_checkpoint(tmp_path, script):
+    path = tmp_path / "other.pt"
+    env_id = "PongNoFrameskip-v4" if script in ATARI else "Acrobot-v1"
+    torch.save({"env_id": env_id, "n_actions": 6 if script in ATARI else 3, "model": {}, "optimizer": {}}, path)
+    return path
+
+
+def foreign_network_checkpoint(tmp_path, script):
+    """A checkpoint of the same env but another network: the dueling one for dqn_atari and vice versa."""
+    path = tmp_path / "foreign.pt"
+    if script == "dqn_cartpole":
+        model = load_script(script).QNetwork(4, 2, (7,)).state_dict()
+    else:
+        other = load_script("dqn_atari" if script == "dqn_atari_dueling_per" else "dqn_atari_dueling_per")
+        model = other.QNetwork(4).state_dict()
+    torch.save({"env_id": ENV[script], "n_actions": 2 if script == "dqn_cartpole" else 4, "model": model,
+                "optimizer": {}}, path)
+    return path
+
+
+def corrupt_checkpoint(tmp_path, script):
+    path = tmp_path / "corrupt.pt"
+    path.write_bytes(b"PK\x03\x04 not really a checkpoint" + os.urandom(64))
+    return path
+
+
+class Payload:
+    def __reduce__(self):  # runs at unpickling time without weights_only
+        return (os.system, ("touch pwned",))
+
+
+def malicious_checkpoint(tmp_path, script):
+    path = tmp_path / "malicious.pt"
+    torch.save({"env_id": ENV[script], "model": Payload()}, path)
+    return path
+
+
+def saved_model(tmp_path, script):
+    path = tmp_path / "model.cleanrl_model"
+    n_actions = 2 if script == "dqn_cartpole" else 4
+    torch.save({"env_id": ENV[script], "n_actions": n_actions, "model": {}}, path)
+    return path
+
+
+COMMON_BAD = [
+    (["--buffer-size", "16", "--batch-size", "32"], "--buffer-size (16) must be >= --batch-size (32)"),
+    (["--buffer-size", "0"], "--buffer-size must be positive"),
+    (["--batch-size", "-1"], "--batch-size must be positive"),
+    (["--num-envs", "0"], "--num-envs must be positive"),
+    (["--total-timesteps", "0"], "--total-timesteps must be positive"),
+    (["--train-frequency", "0"], "--train-frequency must be positive"),
+    (["--target-network-frequency", "-5"], "--target-network-frequency must be positive"),
+    (["--eval-episodes", "0"], "--eval-episodes must be positive"),
+    (["--eval-frequency", "-1"], "--eval-frequency must be >= 0"),
+    (["--checkpoint-frequency", "-1"], "--checkpoint-frequency must be >= 0"),
+    (["--learning-rate", "0"], "--learning-rate must be positive"),
+    (["--learning-starts", "100", "--total-timesteps", "100"], "--learning-starts (100) must be < --total-timesteps"),
+    (["--exploration-fraction", "0"], "--exploration-fraction must be in (0, 1]"),
+    (["--exploration-fraction", "1.5"], "--exploration-fraction must be in (0, 1]"),
+    (["--tau", "0"], "--tau must be in (0, 1]"),
+    (["--gamma", "1.2"], "--gamma must be in [0, 1]"),
+    (["--start-e", "2"], "--start-e must be in [0, 1]"),
+    (["--end-e", "-0.1"], "--end-e must be in [0, 1]"),
+    (["--eval-epsilon", "1.5"], "--eval-epsilon must be in [0, 1]"),
+    (["--run-name", "../escape"], "must be a plain name"),
+    (["--run-name", "a/b"], "must be a plain name"),
+    (["--run-name", "/tmp/x"], "must be a plain name"),
+    (["--exp-name", ".."], "must be a plain name"),
+    (["--resume", "missing.pt"], "does not exist"),
+    (["--play", "missing.pt"], "does not exist"),
+    (["--resume", corrupt_checkpoint], "cannot load"),
+    (["--resume", malicious_checkpoint], "cannot load"),
+    (["--play", malicious_checkpoint], "cannot load"),
+    (["--resume", other_game_checkpoint], "was trained on"),
+    (["--play", other_game_checkpoint], "was trained on"),
+    (["--resume", foreign_network_checkpoint], "holds another network"),
+    (["--resume", saved_model], "is a saved model, not a checkpoint"),
+]
+SCRIPT_BAD = {
+    "dqn_cartpole": [
+        (["--env-id", "CartPol-v1"], "close matches: CartPole-v1"),
+        (["--env-id", "NoSuchEnv-v0"], "unknown --env-id"),
+        (["--env-id", "Pendulum-v1"], "needs Discrete actions"),
+        (["--env-id", "ALE/Pong-v5"], "needs a flat Box"),
+        (["--hidden-sizes", "64", "0"], "--hidden-sizes must be one or more positive"),
+    ],
+    "dqn_atari": [
+        (["--env-id", "BreakotNoFrameskip-v4"], "close matches: BreakoutNoFrameskip-v4"),
+        (["--env-id", "Breakout-v4"], "not an Atari id this script supports"),
+        (["--env-id", "CartPole-v1"], "not an Atari id this script supports"),
+        (["--max-episode-frames", "0"], "--max-episode-frames must be positive"),
+        (["--buffer-size", str(10**10)], "the largest buffer that fits is --buffer-size"),
+    ],
+}
+SCRIPT_BAD["dqn_atari_dueling_per"] = SCRIPT_BAD["dqn_atari"] + [
+    (["--prioritized-replay-alpha", "1.5"], "--prioritized-replay-alpha must be in [0, 1]"),
+    (["--prioritized-replay-beta0", "-1"], "--prioritized-replay-beta0 must be in [0, 1]"),
+    (["--max-grad-norm", "0"], "--max-grad-norm must be positive"),
+]
+BAD = [(s, flags, msg) for s in SCRIPTS for flags, msg in COMMON_BAD + SCRIPT_BAD[s]]
+
+
+def resolve(flags, tmp_path, script):
+    return [str(f(tmp_path, script)) if callable(f) else f for f in flags]
+
+
+@pytest.mark.parametrize("bad_script,flags,message", BAD,
+                         ids=[f"{s}:{' '.join(f if isinstance(f, str) else f.__name__ for f in flags)}"
+                              for s, flags, _ in BAD])
+def test_bad_input_fails_with_one_line_exit_2_and_writes_nothing(tmp_path, monkeypatch, capsys, bad_script, flags,
+                                                                 message):
+    monkeypatch.chdir(tmp_path)
+    dqn = load_script(bad_script)
+    with pytest.raises(SystemExit) as exit_info:
+        dqn.main(tyro.cli(dqn.Args, args=resolve(flags, tmp_path, bad_script)))
+    assert exit_info.value.code == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("warning:")]
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "videos").exists()
+    assert not (tmp_path / "pwned").exists()  # nothing in a checkpoint runs code
+
+
+def test_bad_input_in_a_real_process_has_no_traceback(script, tmp_path):
+    result = run_script(script, "--env-id", "NoSuchGame-v4", cwd=tmp_path)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("warning:")]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr
+
+
+def test_unwritable_run_directory(script, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").write_text("a file where the runs directory should be")
+    dqn = load_script(script)
+    with pytest.raises(SystemExit) as exit_info:
+        dqn.main(dqn.Args(run_name="x", cuda=False))
+    assert exit_info.value.code == 2
+    assert "cannot write the run directory 'runs/x'" in capsys.readouterr().err
+    assert (tmp_path / "runs").read_text() == "a file where the runs directory should be"
+
+
+def test_a_new_run_never_overwrites_an_existing_one(script, tmp_path):
+    first = run_script(script, *FAST[script], "--total-timesteps", 400, "--run-name", "mine", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    before = (tmp_path / "runs/mine/checkpoint.pt").read_bytes()
+    again = run_script(script, *FAST[script], "--total-timesteps", 400, "--run-name", "mine", cwd=tmp_path)
+    assert again.returncode == 2 and "already holds a run; continue it with --resume" in again.stderr
+    assert (tmp_path / "runs/mine/checkpoint.pt").read_bytes() == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback of a machine without CUDA")
+def test_cuda_without_cuda_warns_and_falls_back_to_cpu(tmp_path):
+    result = run_script("dqn_cartpole", "--cuda", "--total-timesteps", 300, "--learning-starts", 100,
+                        "--eval-episodes", 1, "--run-name", "c", cwd=tmp_path)
+    assert result.returncode == 0
+    assert "warning: --cuda was given but CUDA is not available; running on the CPU" in result.stderr
+
+
+# ---------------------------------------------------------------- checkpoints and faults
+@pytest.mark.parametrize("writer", SCRIPTS)
+def test_checkpoint_write_is_atomic(tmp_path, writer):
+    dqn = load_script(writer)
+    path = str(tmp_path / "checkpoint.pt")
+    dqn.save_checkpoint(path, {"global_step": 1})
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError):
+        dqn.save_checkpoint(path, {"global_step": 2, "junk": Unpicklable()})
+    assert torch.load(path, weights_only=True) == {"global_step": 1}
+
+
+def test_sigkill_during_checkpoint_writes_leaves_a_loadable_checkpoint(tmp_path):
+    # a large replay buffer makes every checkpoint a ~100 MB write; kill the process while one is in flight
+    proc = run_script("dqn_cartpole", "--buffer-size", 2_500_000, "--checkpoint-frequency", 300, "--learning-starts",
+                      100, "--total-timesteps", 10**6, "--eval-frequency", 0, "--run-name", "k", cwd=tmp_path,
+                      wait=False)
+    path = tmp_path / "runs/k/checkpoint.pt"
+    wait_until(lambda: checkpoint_step(path) is not None, proc)
+    wait_until(lambda: glob.glob(f"{path}.tmp*"), proc, poll=0.001)  # a new checkpoint is being written
+    proc.kill()
+    proc.wait()
+    assert glob.glob(f"{path}.tmp*")  # the kill did land mid-write
+    step = checkpoint_step(path)
+    assert step is not None and step % 300 == 0
+    resumed = run_script("dqn_cartpole", "--resume", path, "--buffer-size", 2_500_000, "--learning-starts", 100,
+                         "--total-timesteps", step + 100, "--eval-frequency", 0, "--eval-episodes", 1, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed k at step {step}" in resumed.stdout
+    assert not glob.glob(f"{path}.tmp*")  # the half-written file was cleaned up
+
+
+def test_sigkill_then_resume_loses_at_most_one_checkpoint_interval(script, tmp_path):
+    every = 200
+    proc = run_script(script, *FAST[script], "--checkpoint-frequency", every, "--total-timesteps", 10**6,
+                      "--run-name", "k", cwd=tmp_path, wait=False)
+    path = tmp_path / "runs/k/checkpoint.pt"
+    wait_until(lambda: (checkpoint_step(path) or 0) >= 2 * every, proc)
+    seen = checkpoint_step(path)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step = checkpoint_step(path)
+    assert step >= seen and step % every == 0
+    resumed = run_script(script, *FAST[script], "--resume", path, "--total-timesteps", step + 2 * every,
+                         cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed k at step {step}" in resumed.stdout
+    assert finished_counts(resumed.stdout)["steps"] == step + 2 * every
+    assert checkpoint_step(path) == step + 2 * every
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_stops_cleanly_with_a_final_checkpoint_and_flushed_logs(script, tmp_path, signum):
+    proc = run_script(script, *FAST[script], "--checkpoint-frequency", 200, "--total-timesteps", 10**6,
+                      "--run-name", "s", cwd=tmp_path, wait=False)
+    path = tmp_path / "runs/s/checkpoint.pt"
+    wait_until(lambda: (checkpoint_step(path) or 0) >= 600, proc)  # training has started (learning starts at 200)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, err
+    assert "Traceback" not in err
+    stopped = int(err.split(f"stopped by signal {signum} at step ")[1].split(";")[0])
+    assert checkpoint_step(path) == stopped and stopped >= 600
+    assert finished_counts(out)["steps"] == stopped
+    logged = read_scalars(tmp_path / "runs/s", "charts/episodic_return")
+    assert logged and max(step for step, _ in logged) <= stopped  # the writer was flushed on the way out
+
+
+# ---------------------------------------------------------------- non-finite losses
+class NaNRewards(gym.Wrapper):
+    """CartPole whose rewards turn NaN after 300 steps."""
+
+    steps = 0
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        NaNRewards.steps += 1
+        return obs, float("nan") if NaNRewards.steps > 300 else reward, terminated, truncated, info
+
+
+gym.register("tests/NaNCartPole-v1", entry_point=lambda: NaNRewards(gym.make("CartPole-v1")))
+
+
+def test_non_finite_loss_stops_with_the_step_and_a_last_good_checkpoint(script, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    dqn = load_script(script)
+    if script == "dqn_cartpole":
+        NaNRewards.steps = 0
+        args = dqn.Args(env_id="tests/NaNCartPole-v1", learning_starts=100, total_timesteps=10**5, cuda=False,
+                        run_name="nan", eval_frequency=0)
+    else:  # Atari rewards are clipped to their sign and sign(NaN) = 0: make the TD target itself NaN instead
+        compute_td_target, calls = dqn.compute_td_target, []
+
+        def nan_after_150_updates(*args, **kwargs):
+            calls.append(1)
+            return compute_td_target(*args, **kwargs) * (float("nan") if len(calls) > 150 else 1.0)
+
+        monkeypatch.setattr(dqn, "compute_td_target", nan_after_150_updates)
+        args = dqn.Args(learning_starts=100, total_timesteps=10**5, cuda=False, run_name="nan", num_envs=2,
+                        buffer_size=2000, train_frequency=2, eval_frequency=0, max_episode_frames=800)
+    with pytest.raises(SystemExit) as exit_info:
+        dqn.main(args)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    bad_step = int(err.split("non-finite TD loss or Q-values at env step ")[1].split(";")[0])
+    assert bad_step > 300  # no NaN before step 300 (CartPole: NaN rewards; Atari: the 151st update, at step 402)
+    state = torch.load(tmp_path / "runs/nan/checkpoint.pt", weights_only=True)
+    assert state["global_step"] < bad_step and f"(step {state['global_step']}) is saved in" in err
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+    assert all(torch.isfinite(t).all() for t in state["target_model"].values())
+
+
+# ---------------------------------------------------------------- determinism and resume
+@pytest.mark.parametrize("atari", ATARI)
+def test_atari_same_seed_same_returns(atari, tmp_path):
+    flags = [*FAST[atari], "--total-timesteps", 1600, "--learning-starts", 400, "--train-frequency", 4,
+             "--exploration-fraction", 1.0, "--end-e", 0.2]
+    returns = []
+    for name in ["a", "b"]:
+        result = run_script(atari, *flags, "--run-name", name, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert finished_counts(result.stdout)["updates"] == 300
+        returns.append(read_scalars(tmp_path / "runs" / name, "charts/episodic_return"))
+    assert len(returns[0]) >= 4 and returns[0] == returns[1]
+    assert run_script(atari, *flags, "--run-name", "c", "--seed", 2, cwd=tmp_path).returncode == 0
+    assert read_scalars(tmp_path / "runs/c", "charts/episodic_return") != returns[0]
+
+
+def test_resumed_run_keeps_the_schedules_of_an_uninterrupted_one(script, tmp_path):
+    total = 1600
+    flags = [*FAST[script], "--total-timesteps", total, "--checkpoint-frequency", 200, "--eval-frequency", 800,
+             *(["--checkpoint-buffer"] if script in ATARI else [])]
+    whole = run_script(script, *flags, "--run-name", "whole", cwd=tmp_path)
+    assert whole.returncode == 0, whole.stderr
+    proc = run_script(script, *flags, "--run-name", "cut", cwd=tmp_path, wait=False)
+    path = tmp_path / "runs/cut/checkpoint.pt"
+    wait_until(lambda: (checkpoint_step(path) or 0) >= 400, proc, poll=0.01)  # well before the eval at 800
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    cut_at = checkpoint_step(path)
+    assert proc.returncode == 128 + signal.SIGTERM and 400 <= cut_at < total
+    resumed = run_script(script, *flags, "--resume", path, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"at step {cut_at}" in resumed.stdout
+    # same final step, same number of updates and target syncs, same epsilon at the same steps, same eval points
+    assert finished_counts(resumed.stdout) == finished_counts(whole.stdout)
+    for tag in ["charts/epsilon", "eval/episodic_return"]:
+        whole_steps = dict(read_scalars(tmp_path / "runs/whole", tag))
+        cut = read_scalars(tmp_path / "runs/cut", tag)
+        assert [step for step, _ in cut] == sorted(whole_steps)
+        if tag == "charts/epsilon":
+            assert all(value == pytest.approx(whole_steps[step]) for step, value in cut)
+
+
+def test_resume_restores_the_weights(script, tmp_path):
+    first = run_script(script, *FAST[script], "--total-timesteps", 600, "--run-name", "r", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    path = tmp_path / "runs/r/checkpoint.pt"
+    saved = torch.load(path, weights_only=True)
+    # resume for zero more steps: the checkpoint written on the way out must hold the very weights loaded
+    again = run_script(script, *FAST[script], "--resume", path, "--total-timesteps", 600, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "resumed r at step 600" in again.stdout
+    reloaded = torch.load(path, weights_only=True)
+    for key in ["model", "target_model"]:
+        assert all(torch.equal(saved[key][k], reloaded[key][k]) for k in saved[key])
+    assert reloaded["n_updates"] == saved["n_updates"] and reloaded["global_step"] == 600

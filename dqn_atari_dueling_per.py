@@ -239,6 +239,22 @@ def update_target(target_network: nn.Module, q_network: nn.Module, tau: float) -
             target_param.copy_(param) if tau == 1.0 else target_param.lerp_(param, tau)
 
 
+def train_step(q_network: nn.Module, target_network: nn.Module, optimizer: torch.optim.Optimizer,
+               rb: "ReplayBuffer", data: "Batch", gamma: float, max_grad_norm: float) -> torch.Tensor:
+    """One gradient step on a batch, then new priorities for it; returns (td_loss, mean Q) as a (2,) tensor on the
+    device, without a host sync."""
+    td_target = compute_td_target(q_network, target_network, data.rewards, data.next_observations, data.dones, gamma)
+    old_val = q_network(data.observations).gather(1, data.actions[:, None]).squeeze(1)  # Q(s, a), (B,)
+    # importance-weighted Huber loss (Schaul et al. 2016, Alg. 1, line 11)
+    loss = (data.weights * F.smooth_l1_loss(old_val, td_target, reduction="none")).mean()
+    optimizer.zero_grad()
+    loss.backward()
+    nn.utils.clip_grad_norm_(q_network.parameters(), max_grad_norm)
+    optimizer.step()
+    rb.update_priorities(data.indices, td_target - old_val)
+    return torch.stack((loss.detach(), old_val.detach().mean()))
+
+
 class Batch(NamedTuple):
     observations: torch.Tensor  # (B, 4, 84, 84) uint8
     actions: torch.Tensor  # (B,) int64
@@ -658,17 +674,8 @@ def main(args: Args) -> None:
                 held_out = rb.sample(HELD_OUT, beta)
             if step % args.train_frequency == 0:
                 data = rb.sample(args.batch_size, beta)
-                td_target = compute_td_target(q_network, target_network, data.rewards, data.next_observations,
-                                              data.dones, args.gamma)
-                old_val = q_network(data.observations).gather(1, data.actions[:, None]).squeeze(1)
-                # importance-weighted Huber loss (Schaul et al. 2016, Alg. 1, line 11)
-                loss = (data.weights * F.smooth_l1_loss(old_val, td_target, reduction="none")).mean()
-                optimizer.zero_grad()
-                loss.backward()
-                nn.utils.clip_grad_norm_(q_network.parameters(), args.max_grad_norm)
-                optimizer.step()
-                rb.update_priorities(data.indices, td_target - old_val)
-                update_stats[n_updates % LOG_EVERY] = torch.stack((loss.detach(), old_val.detach().mean()))
+                update_stats[n_updates % LOG_EVERY] = train_step(q_network, target_network, optimizer, rb, data,
+                                                                 args.gamma, args.max_grad_norm)
                 update_steps[n_updates % LOG_EVERY] = step
                 n_updates += 1
                 if n_updates % LOG_EVERY == 0:

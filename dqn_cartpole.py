@@ -208,6 +208,18 @@ def update_target(target_network: nn.Module, q_network: nn.Module, tau: float) -
             target_param.copy_(param) if tau == 1.0 else target_param.lerp_(param, tau)
 
 
+def train_step(q_network: nn.Module, target_network: nn.Module, optimizer: torch.optim.Optimizer, data: "Batch",
+               gamma: float) -> torch.Tensor:
+    """One gradient step on a batch; returns (td_loss, mean Q) as a (2,) tensor on the device, without a host sync."""
+    td_target = compute_td_target(target_network, data.rewards, data.next_observations, data.dones, gamma)
+    old_val = q_network(data.observations).gather(1, data.actions[:, None]).squeeze(1)  # Q(s, a), (B,)
+    loss = F.mse_loss(td_target, old_val)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return torch.stack((loss.detach(), old_val.detach().mean()))
+
+
 class Batch(NamedTuple):
     observations: torch.Tensor  # (B, obs_dim) float32
     actions: torch.Tensor  # (B,) int64
@@ -483,14 +495,8 @@ def main(args: Args) -> None:
                 continue
             if step % args.train_frequency == 0:
                 data = rb.sample(args.batch_size)
-                td_target = compute_td_target(target_network, data.rewards, data.next_observations, data.dones,
-                                              args.gamma)
-                old_val = q_network(data.observations).gather(1, data.actions[:, None]).squeeze(1)
-                loss = F.mse_loss(td_target, old_val)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                update_stats[n_updates % LOG_EVERY] = torch.stack((loss.detach(), old_val.detach().mean()))
+                update_stats[n_updates % LOG_EVERY] = train_step(q_network, target_network, optimizer, data,
+                                                                 args.gamma)
                 update_steps[n_updates % LOG_EVERY] = step
                 n_updates += 1
                 if n_updates % LOG_EVERY == 0:

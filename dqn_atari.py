@@ -9,8 +9,9 @@ their sign, a life loss terminal for bootstrapping). v5 ids add sticky actions (
 
 Defaults are CleanRL's published dqn_atari.py configuration, which departs from the paper in: Adam (lr 1e-4) instead
 of RMSProp, MSE instead of the clipped error, 10M steps, learning starts at 80k, epsilon 1 -> 0.01 over 10% of the
-run. Departures from CleanRL: the envs step (ale-py threads) while the learner trains, so the update at step t sees
-the buffer up to step t-1; replay stores every frame once and rebuilds the stacks when sampling (7.07 KB per
+run. Departures from CleanRL: 8 envs step in parallel (CleanRL: 1; updates stay one per 4 env steps, target syncs
+every 1000 env steps) and they step in ale-py's threads while the learner trains, so an update sees the buffer up to
+the previous vector step; replay stores every frame once and rebuilds the stacks when sampling (7.07 KB per
 transition instead of 28.2 KB); the logged return is the full-game, unclipped score (CleanRL logs per life), and
 evaluation is separate: full games, epsilon 0.05, as in the paper.
 """
@@ -76,8 +77,8 @@ class Args:
     """the id of the environment: XNoFrameskip-v4 (no sticky actions) or ALE/X-v5 (sticky actions 0.25)"""
     total_timesteps: int = 10_000_000
     """total env steps (agent steps, 4 frames each) of the experiment"""
-    num_envs: int = 1
-    """the number of parallel game environments (ale-py threads)"""
+    num_envs: int = 8
+    """the number of parallel game environments (ale-py threads); updates stay one per train_frequency env steps"""
     learning_rate: float = 1e-4
     """the learning rate of the optimizer"""
     buffer_size: int = 1_000_000

@@ -76,8 +76,8 @@ class Args:
     """the id of the environment: XNoFrameskip-v4 (no sticky actions) or ALE/X-v5 (sticky actions 0.25)"""
     total_timesteps: int = 10_000_000
     """total env steps (agent steps, 4 frames each) of the experiment"""
-    num_envs: int = 1
-    """the number of parallel game environments (ale-py threads)"""
+    num_envs: int = 8
+    """the number of parallel game environments (ale-py threads); updates stay one per train_frequency env steps"""
     learning_rate: float = 6.25e-5
     """the learning rate of the optimizer (Schaul et al. 2016: the DQN rate / 4)"""
     adam_eps: float = 1.5e-4

@@ -447,7 +447,7 @@ def save_checkpoint(path: str, state: dict) -> None:
 def load_checkpoint(path: str, env_id: str, n_actions: int) -> dict:
     """Loads with weights_only=True (no code runs from the file) and fails clearly on a wrong or broken file."""
     if not os.path.isfile(path):
-        fail(f"checkpoint {path!r} does not exist")
+        fail(f"{path!r} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -474,8 +474,9 @@ def load_weights(module: nn.Module, state_dict: dict, path: str) -> None:
     try:
         module.load_state_dict(state_dict)
     except RuntimeError as e:
-        reason = str(e).splitlines()[0].rstrip(":.")
-        fail(f"{path!r} holds another network ({reason}); use the script and flags it was trained with")
+        lines = str(e).splitlines()  # 'Error(s) in loading state_dict for QNetwork:', then what differs
+        reason = (lines[1] if len(lines) > 1 else lines[0]).strip()
+        fail(f"{path!r} holds another network ({reason[:100]}); use the script and flags it was trained with")
 
 
 def write_video(path: str, frames: list[np.ndarray], fps: int = 15) -> None:

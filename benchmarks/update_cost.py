@@ -15,15 +15,16 @@ lines are the only ones restated here; keep them in step with the scripts.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 import tyro
 
-from benchmarks.common import ATARI_SCRIPTS, format_table, load_script
+from benchmarks.common import ATARI_SCRIPTS, RESULTS_DIR, format_table, load_script, write_json
 
 
 def fill_random(rb: Any, slots: int, num_envs: int, n_actions: int, seed: int = 0) -> None:
@@ -39,16 +40,19 @@ def fill_random(rb: Any, slots: int, num_envs: int, n_actions: int, seed: int = 
                firsts=np.zeros(num_envs, dtype=bool))
 
 
-def make_update(mod: ModuleType, rb: Any, n_actions: int, batch_size: int, device: torch.device) -> Callable[[], Any]:
+def make_update(mod: ModuleType, rb: Any, n_actions: int, batch_size: int, device: torch.device,
+                plain: bool = False) -> Callable[[], Any]:
     """One update of the script: sample a batch, then the script's own train_step, on fresh networks and optimizer
-    built as its main() builds them from its defaults (channels-last conv weights, fused Adam)."""
+    built as its main() builds them from its defaults (channels-last conv weights, fused Adam). plain=True builds them
+    as CleanRL and SB3 do instead (NCHW weights, Adam's default for-loop implementation): the same math, for a
+    same-machine comparison of the update alone."""
     args = mod.Args()
-    memory_format = torch.channels_last if args.channels_last else torch.preserve_format
+    memory_format = torch.channels_last if args.channels_last and not plain else torch.preserve_format
     q_network = mod.QNetwork(n_actions).to(device, memory_format=memory_format)
     target_network = mod.QNetwork(n_actions).to(device, memory_format=memory_format)
     target_network.load_state_dict(q_network.state_dict())
     adam_kwargs = {"eps": args.adam_eps} if hasattr(args, "adam_eps") else {}
-    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, fused=True, **adam_kwargs)
+    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, fused=not plain, **adam_kwargs)
     if hasattr(rb, "update_priorities"):  # dqn_atari_dueling_per.py: PER sampling and priority updates
         return lambda: mod.train_step(q_network, target_network, optimizer, rb,
                                       rb.sample(batch_size, args.prioritized_replay_beta0), args.gamma,
@@ -58,7 +62,7 @@ def make_update(mod: ModuleType, rb: Any, n_actions: int, batch_size: int, devic
 
 def measure_update_cost(script: str, env_id: str = "BreakoutNoFrameskip-v4", cuda: bool = False,
                         capacity: int = 12_000, batch_size: int = 32, warmup: int = 20, iters: int = 500,
-                        blocks: int = 5) -> dict[str, Any]:
+                        blocks: int = 5, plain: bool = False) -> dict[str, Any]:
     """Seconds per update of `script`, from `iters` updates timed in `blocks` equal blocks after `warmup` untimed ones.
     Runs in the calling process: sps.py calls it in a fresh one (common.in_fresh_process)."""
     mod = load_script(script)
@@ -76,7 +80,7 @@ def measure_update_cost(script: str, env_id: str = "BreakoutNoFrameskip-v4", cud
         rb_kwargs = {"alpha": defaults.prioritized_replay_alpha, "eps": defaults.prioritized_replay_eps}
     rb = mod.ReplayBuffer(capacity, num_envs, device, device, **rb_kwargs)  # storage on the learner's device
     fill_random(rb, rb.per_env, num_envs, n_actions)
-    update = make_update(mod, rb, n_actions, batch_size, device)
+    update = make_update(mod, rb, n_actions, batch_size, device, plain)
 
     def sync() -> None:
         if device.type == "cuda":
@@ -93,7 +97,7 @@ def measure_update_cost(script: str, env_id: str = "BreakoutNoFrameskip-v4", cud
             update()
         sync()
         block_seconds.append((time.perf_counter() - start) / per_block)
-    return {"script": script, "device": str(device), "torch_threads": torch.get_num_threads(), "n_actions": n_actions,
+    return {"script": script, "plain": plain, "device": str(device), "torch_threads": torch.get_num_threads(), "n_actions": n_actions,
             "capacity": capacity, "batch_size": batch_size, "warmup": warmup, "iters": per_block * blocks,
             "seconds_per_update": float(np.mean(block_seconds)), "block_min_s": min(block_seconds),
             "block_max_s": max(block_seconds)}
@@ -115,16 +119,24 @@ class Args:
     """timed updates"""
     train_frequency: int = 4
     """env steps per update, for the bound train_frequency / seconds_per_update"""
+    plain: bool = False
+    """build the networks and optimizer as CleanRL and SB3 do (NCHW weights, for-loop Adam) instead of as the script"""
+    out: Optional[Path] = None
+    """the JSON file (default: results/update_cost__{script}[__plain][__cuda].json)"""
 
 
 def main(args: Args) -> None:
     if args.script not in ATARI_SCRIPTS:
         raise SystemExit(f"--script must be one of {ATARI_SCRIPTS}")
-    r = measure_update_cost(args.script, args.env_id, args.cuda, args.capacity, args.batch_size, iters=args.iters)
-    row = [r["script"], r["device"], r["torch_threads"], 1e3 * r["seconds_per_update"], 1e3 * r["block_min_s"],
-           1e3 * r["block_max_s"], args.train_frequency / r["seconds_per_update"]]
-    print(format_table(["script", "device", "threads", "ms/update", "block min ms", "block max ms", "bound SPS"],
-                       [row], digits=2))
+    r = measure_update_cost(args.script, args.env_id, args.cuda, args.capacity, args.batch_size, iters=args.iters,
+                            plain=args.plain)
+    row = [r["script"], "plain (CleanRL/SB3 style)" if args.plain else "as the script", r["device"],
+           r["torch_threads"], 1e3 * r["seconds_per_update"], 1e3 * r["block_min_s"], 1e3 * r["block_max_s"],
+           args.train_frequency / r["seconds_per_update"]]
+    print(format_table(["script", "networks + Adam", "device", "threads", "ms/update", "block min ms", "block max ms",
+                        "bound SPS"], [row], digits=2))
+    name = f"update_cost__{args.script.removesuffix('.py')}{'__plain' if args.plain else ''}{'__cuda' if args.cuda else ''}"
+    write_json(args.out or RESULTS_DIR / f"{name}.json", {"config": asdict(args), "result": r})
 
 
 if __name__ == "__main__":

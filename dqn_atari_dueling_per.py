@@ -192,8 +192,10 @@ def make_env(game: str, num_envs: int, sticky: float, max_frames: int, train: bo
 
 
 def linear_schedule(start_e: float, end_e: float, duration: int, t: int) -> float:
-    slope = (end_e - start_e) / duration
-    return max(slope * t + start_e, end_e)
+    """start_e at t = 0, end_e from t = duration on, linear in between (either direction)."""
+    if t >= duration:
+        return end_e
+    return start_e + (end_e - start_e) * t / duration
 
 
 def crossed(global_step: int, num_envs: int, frequency: int) -> bool:

@@ -206,6 +206,9 @@ def test_smoke_run_updates_and_syncs(script, tmp_path):
     assert len(read_scalars(run_dir, "losses/td_loss")) == 2
     assert len(read_scalars(run_dir, "eval/avg_max_q")) == 1 and len(read_scalars(run_dir, "eval/td_error")) == 1
     assert read_scalars(run_dir, "charts/episodic_return")
+    if script == "dqn_atari_dueling_per":  # the importance-sampling exponent anneals from beta0 towards 1
+        beta = [v for _, v in read_scalars(run_dir, "charts/beta")]
+        assert beta == sorted(beta) and 0.4 < beta[0] < beta[-1] < 1
 
 
 @pytest.mark.parametrize("save_model", [False, True])

@@ -46,6 +46,7 @@ def test_linear_schedule_endpoints():
     assert dqn.linear_schedule(1.0, 0.05, 1000, 500) == pytest.approx(0.525)
     assert dqn.linear_schedule(1.0, 0.05, 1000, 1000) == pytest.approx(0.05)
     assert dqn.linear_schedule(1.0, 0.05, 1000, 10**6) == 0.05
+    assert dqn.linear_schedule(1.0, 0.05, 0, 0) == 0.05  # a schedule shorter than one step (tiny runs) is done
 
 
 def test_crossed_counts_each_multiple_once_whatever_num_envs():

@@ -106,6 +106,13 @@ def test_oldest_slots_of_a_full_ring_are_never_sampled():
     assert drawn == set(range(8)) - set(oldest)
 
 
+def test_beta_anneals_up_from_beta0_to_1():
+    assert per.linear_schedule(0.4, 1.0, 1000, 0) == 0.4
+    assert per.linear_schedule(0.4, 1.0, 1000, 500) == pytest.approx(0.7)
+    assert per.linear_schedule(0.4, 1.0, 1000, 1000) == 1.0
+    assert per.linear_schedule(0.4, 1.0, 1000, 5000) == 1.0
+
+
 def test_dueling_head_advantages_have_zero_mean():
     torch.manual_seed(0)
     q = per.QNetwork(n_actions=6)

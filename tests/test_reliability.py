@@ -160,6 +160,12 @@ def test_bad_input_in_a_real_process_has_no_traceback(script, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr
 
 
+def test_unparseable_flag_exits_2_without_traceback(script, tmp_path):
+    result = run_script(script, "--buffer-size", "abc", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "--buffer-size" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 def test_unwritable_run_directory(script, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").write_text("a file where the runs directory should be")

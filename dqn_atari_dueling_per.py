@@ -503,7 +503,7 @@ def evaluate(q_network: nn.Module, game: str, sticky: float, max_frames: int, ep
     rng = np.random.default_rng(seed)
     obs, _ = envs.reset(seed=seed)
     frames = [video_env.reset(seed=seed)[0][0, 0]] if video_env else []
-    returns, finished = np.zeros(episodes), np.zeros(episodes, dtype=bool)
+    returns, finished, in_step = np.zeros(episodes), np.zeros(episodes, dtype=bool), True
     while not finished.all() and not stop():
         with torch.inference_mode():
             q_values = q_network(torch.from_numpy(obs).to(device))
@@ -512,13 +512,18 @@ def evaluate(q_network: nn.Module, game: str, sticky: float, max_frames: int, ep
                            actions)
         obs, rewards, terminations, truncations, _ = envs.step(actions)
         if video_env and not finished[0]:
-            frames.append(video_env.step(actions[:1])[0][0, 0])
+            video_obs, video_rewards, *_ = video_env.step(actions[:1])
+            frames.append(video_obs[0, 0])
+            in_step &= bool(video_rewards[0] == rewards[0])
         returns += rewards * ~finished  # an env that already finished has autoreset: ignore its new game
         finished |= terminations | truncations
     envs.close()
     if video_env:
         video_env.close()
         write_video(video_path, frames)
+        if not in_step:
+            print(f"warning: the video env left the evaluated game's trajectory; {video_path} may differ",
+                  file=sys.stderr)
     return returns
 
 

@@ -92,7 +92,8 @@ def main(args: Args) -> None:
     require_cuda(args.cuda)
     device = torch.device("cuda" if args.cuda else "cpu")
     rows = measure(args.capacity, list(args.batch_sizes), device, args.warmup, args.iters, args.full_buffer)
-    print(f"PER cost per batch, {PER_SCRIPT}, capacity {args.capacity:,} ({device}, {torch.get_num_threads()} threads):")
+    threads = torch.get_num_threads()
+    print(f"PER cost per batch, {PER_SCRIPT}, capacity {args.capacity:,} ({device}, {threads} threads):")
     print(format_table(["what", "leaves", "batch", "ms per batch (sample + priority update)"],
                        [[r["what"], r["leaves"], r["batch_size"], 1e3 * r["seconds"]] for r in rows], digits=3))
     out = args.out or RESULTS_DIR / ("per_cost_cuda.json" if args.cuda else "per_cost.json")

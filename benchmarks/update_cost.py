@@ -97,8 +97,9 @@ def measure_update_cost(script: str, env_id: str = "BreakoutNoFrameskip-v4", cud
             update()
         sync()
         block_seconds.append((time.perf_counter() - start) / per_block)
-    return {"script": script, "plain": plain, "device": str(device), "torch_threads": torch.get_num_threads(), "n_actions": n_actions,
-            "capacity": capacity, "batch_size": batch_size, "warmup": warmup, "iters": per_block * blocks,
+    return {"script": script, "plain": plain, "device": str(device), "torch_threads": torch.get_num_threads(),
+            "n_actions": n_actions, "capacity": capacity, "batch_size": batch_size, "warmup": warmup,
+            "iters": per_block * blocks,
             "seconds_per_update": float(np.mean(block_seconds)), "block_min_s": min(block_seconds),
             "block_max_s": max(block_seconds)}
 
@@ -135,7 +136,8 @@ def main(args: Args) -> None:
            args.train_frequency / r["seconds_per_update"]]
     print(format_table(["script", "networks + Adam", "device", "threads", "ms/update", "block min ms", "block max ms",
                         "bound SPS"], [row], digits=2))
-    name = f"update_cost__{args.script.removesuffix('.py')}{'__plain' if args.plain else ''}{'__cuda' if args.cuda else ''}"
+    suffix = ("__plain" if args.plain else "") + ("__cuda" if args.cuda else "")
+    name = f"update_cost__{args.script.removesuffix('.py')}{suffix}"
     write_json(args.out or RESULTS_DIR / f"{name}.json", {"config": asdict(args), "result": r})
 
 

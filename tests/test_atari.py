@@ -1,6 +1,7 @@
 """What dqn_atari.py and dqn_atari_dueling_per.py share: env-id mapping, the frame-deduplicated replay (stacks equal to
 the env's, bit for bit), life-loss / reset-step / truncation handling, memory, smoke runs and TD targets."""
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -219,3 +220,19 @@ def test_cleanrl_smoke_flags(script, tmp_path, save_model):
     assert result.returncode == 0, result.stderr
     assert finished_counts(result.stdout)["updates"] == 2
     assert (tmp_path / f"runs/tiny/{script}.cleanrl_model").exists() == save_model
+
+
+def test_play_mode_records_the_evaluated_game_as_video(script, tmp_path):
+    flags = ["--learning-starts", 10, "--total-timesteps", 16, "--buffer-size", 10, "--batch-size", 4]
+    trained = run_script(script, *flags, "--save-model", "--run-name", "v", "--eval-episodes", 1,
+                         "--max-episode-frames", 400, cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    played = run_script(script, "--play", tmp_path / f"runs/v/{script}.cleanrl_model", "--eval-episodes", 2,
+                        "--eval-epsilon", 0.5, "--max-episode-frames", 2000, "--capture-video", cwd=tmp_path)
+    assert played.returncode == 0, played.stderr
+    assert "2 episodes of" in played.stdout
+    assert "left the evaluated game's trajectory" not in played.stderr  # the colour env stayed in lockstep
+    (video,) = (tmp_path / "videos").glob("*.mp4")
+    capture = cv2.VideoCapture(str(video))
+    ok, frame = capture.read()
+    assert ok and frame.shape == (210, 160, 3) and capture.get(cv2.CAP_PROP_FRAME_COUNT) > 20

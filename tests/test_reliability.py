@@ -313,13 +313,13 @@ def test_non_finite_loss_stops_with_the_step_and_a_last_good_checkpoint(script, 
 # ---------------------------------------------------------------- determinism and resume
 @pytest.mark.parametrize("atari", ATARI)
 def test_atari_same_seed_same_returns(atari, tmp_path):
-    flags = [*FAST[atari], "--total-timesteps", 1600, "--learning-starts", 400, "--train-frequency", 4,
+    flags = [*FAST[atari], "--total-timesteps", 1200, "--learning-starts", 400, "--train-frequency", 4,
              "--exploration-fraction", 1.0, "--end-e", 0.2]
     returns = []
     for name in ["a", "b"]:
         result = run_script(atari, *flags, "--run-name", name, cwd=tmp_path)
         assert result.returncode == 0, result.stderr
-        assert finished_counts(result.stdout)["updates"] == 300
+        assert finished_counts(result.stdout)["updates"] == 200
         returns.append(read_scalars(tmp_path / "runs" / name, "charts/episodic_return"))
     assert len(returns[0]) >= 4 and returns[0] == returns[1]
     assert run_script(atari, *flags, "--run-name", "c", "--seed", 2, cwd=tmp_path).returncode == 0

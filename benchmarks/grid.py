@@ -328,6 +328,8 @@ def array_ranges(indices: Sequence[int]) -> str:
 
 @dataclass(frozen=True)
 class SlurmOptions:
+    """What the sbatch file asks for; the defaults here are also the --slurm-* flags' defaults."""
+
     partition: Optional[str] = None
     time: str = "2-00:00:00"
     cpus: int = 4
@@ -402,19 +404,19 @@ class Args:
     """the Python that runs the scripts (and, with --slurm, this runner)"""
     slurm: bool = False
     """write {root}/{name}/{name}.sbatch (a job array over the unfinished cells) instead of running"""
-    slurm_partition: Optional[str] = None
+    slurm_partition: Optional[str] = SlurmOptions.partition
     """#SBATCH --partition"""
-    slurm_time: str = "2-00:00:00"
+    slurm_time: str = SlurmOptions.time
     """#SBATCH --time of each task"""
-    slurm_cpus: int = 4
+    slurm_cpus: int = SlurmOptions.cpus
     """#SBATCH --cpus-per-task"""
-    slurm_gpus: int = 1
+    slurm_gpus: int = SlurmOptions.gpus
     """GPUs per task (#SBATCH --gres=gpu:N; 0: none)"""
-    slurm_mem: str = "16G"
+    slurm_mem: str = SlurmOptions.mem
     """#SBATCH --mem (a 1M-transition Atari replay takes about 7 GB)"""
-    slurm_max_parallel: Optional[int] = None
+    slurm_max_parallel: Optional[int] = SlurmOptions.max_parallel
     """at most this many tasks at once (--array=...%N)"""
-    slurm_directive: tuple[str, ...] = ()
+    slurm_directive: tuple[str, ...] = SlurmOptions.directives
     """extra #SBATCH lines, e.g. --slurm-directive=--account=rl"""
 
 

@@ -462,7 +462,8 @@ def main(args: Args) -> None:
         if "optimizer" not in checkpoint:
             fail(f"{args.resume!r} is a saved model, not a checkpoint; use --play to evaluate it")
     if args.cuda and not torch.cuda.is_available():
-        print("warning: --cuda was given but CUDA is not available; running on the CPU", file=sys.stderr)
+        print("warning: --cuda is on (the default) but CUDA is not available; running on the CPU "
+              "(--no-cuda silences this)", file=sys.stderr)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic

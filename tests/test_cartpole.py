@@ -1,13 +1,18 @@
 """dqn_cartpole.py: unit tests of its pieces, autoreset/truncation handling end to end, smoke, reproducibility,
 learning and play mode. (Bad input, faults and resume for all scripts: test_reliability.py.)"""
 
+import os
+import pty
+import subprocess
+import sys
+
 import cv2
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
 
-from helpers import finished_counts, load_script, read_scalars, read_tags, run_script
+from helpers import ROOT, finished_counts, load_script, read_scalars, read_tags, run_script
 
 dqn = load_script("dqn_cartpole")
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -156,6 +161,29 @@ def test_smoke_run_updates_syncs_and_logs(tmp_path):
     for name in ["checkpoint.pt", "best_model.pt", "dqn_cartpole.cleanrl_model"]:
         assert (run_dir / name).is_file()
     assert "\r" not in result.stderr  # no progress bar when stderr is not a terminal
+
+
+def test_progress_display_on_a_terminal(tmp_path):
+    leader, follower = pty.openpty()  # stderr is a terminal: the script shows its one-line progress display
+    proc = subprocess.Popen([sys.executable, str(ROOT / "dqn_cartpole.py"), "--total-timesteps", "2000",
+                             "--learning-starts", "500", "--eval-episodes", "1", "--run-name", "tty"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=follower, text=True)
+    out, _ = proc.communicate(timeout=300)
+    os.close(follower)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(leader)
+    assert proc.returncode == 0
+    line = [part for part in shown.decode().split("\r") if "steps |" in part][-1]  # the last redraw
+    for field in ["/2,000 steps", "SPS", "ETA", "return(10)", "eps"]:
+        assert field in line, shown
 
 
 def test_cleanrl_smoke_flags(tmp_path):

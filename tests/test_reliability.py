@@ -191,7 +191,8 @@ def test_cuda_without_cuda_warns_and_falls_back_to_cpu(tmp_path):
     result = run_script("dqn_cartpole", "--cuda", "--total-timesteps", 300, "--learning-starts", 100,
                         "--eval-episodes", 1, "--run-name", "c", cwd=tmp_path)
     assert result.returncode == 0
-    assert "warning: --cuda was given but CUDA is not available; running on the CPU" in result.stderr
+    assert ("warning: --cuda is on (the default) but CUDA is not available; running on the CPU "
+            "(--no-cuda silences this)") in result.stderr
 
 
 # ---------------------------------------------------------------- checkpoints and faults

@@ -3,8 +3,8 @@ learning and play mode. (Bad input, faults and resume for all scripts: test_reli
 
 import os
 import pty
-import subprocess
-import sys
+import select
+import time
 
 import cv2
 import gymnasium as gym
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import ROOT, finished_counts, load_script, read_scalars, read_tags, run_script
+from helpers import finished_counts, load_script, read_scalars, read_tags, run_script
 
 dqn = load_script("dqn_cartpole")
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -165,13 +165,12 @@ def test_smoke_run_updates_syncs_and_logs(tmp_path):
 
 def test_progress_display_on_a_terminal(tmp_path):
     leader, follower = pty.openpty()  # stderr is a terminal: the script shows its one-line progress display
-    proc = subprocess.Popen([sys.executable, str(ROOT / "dqn_cartpole.py"), "--total-timesteps", "2000",
-                             "--learning-starts", "500", "--eval-episodes", "1", "--run-name", "tty"],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=follower, text=True)
-    out, _ = proc.communicate(timeout=300)
-    os.close(follower)
-    shown = b""
-    while True:
+    proc = run_script("dqn_cartpole", "--total-timesteps", 2000, "--learning-starts", 500, "--eval-episodes", 1,
+                      "--run-name", "tty", cwd=tmp_path, wait=False, stderr=follower)
+    os.close(follower)  # the child keeps its copy; reading the leader fails (EIO) once the child has exited
+    shown, deadline = b"", time.time() + 300
+    # read while the child runs: a pty holds only a few KB, a child writing into a full one would block
+    while select.select([leader], [], [], max(deadline - time.time(), 0))[0]:
         try:
             chunk = os.read(leader, 65536)
         except OSError:
@@ -180,7 +179,7 @@ def test_progress_display_on_a_terminal(tmp_path):
             break
         shown += chunk
     os.close(leader)
-    assert proc.returncode == 0
+    assert proc.wait(timeout=10) == 0
     line = [part for part in shown.decode().split("\r") if "steps |" in part][-1]  # the last redraw
     for field in ["/2,000 steps", "SPS", "ETA", "return(10)", "eps"]:
         assert field in line, shown

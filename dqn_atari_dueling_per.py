@@ -191,6 +191,42 @@ def make_env(game: str, num_envs: int, sticky: float, max_frames: int, train: bo
                           life_loss_info=train, reward_clipping=False, **image)
 
 
+class Games:
+    """Where each env's game ends and when to serve, by ale-py's own rules; one per vector env, updated every step.
+
+    ale-py resets a game on the step after its game over (NEXT_STEP autoreset). With life_loss_info it reports
+    `terminated` at every life loss too, and when a life loss falls on the step that reaches the frame cap it reports
+    only `terminated` (lives > 0), yet resets. So a life is lost when the lives went down and are still > 0 before the
+    cap; any other termination, a truncation or the cap reached is a game over (games whose lives never change, e.g.
+    Adventure, end at their first termination). ale-py presses FIRE only at reset; CleanRL's FireResetEnv serves after
+    every lost life too, so the step after a life loss plays FIRE in games whose action set has it.
+    """
+
+    def __init__(self, envs: AtariVectorEnv, infos: dict, max_frames: int):
+        action_set = list(envs.ale.get_action_set())
+        self.fire = action_set.index(ale_py.Action.FIRE) if ale_py.Action.FIRE in action_set else None
+        self.max_frames = max_frames
+        self.lives = infos["lives"].copy()
+        self.start = infos["episode_frame_number"].copy()  # the frame cap counts from the frame a game starts at
+        self.reset_next = np.zeros(len(self.lives), dtype=bool)  # the next step is a reset step (a game ended)
+        self.serve = np.zeros(len(self.lives), dtype=bool)  # the next step is the first after a life loss
+
+    def act(self, actions: np.ndarray) -> np.ndarray:
+        """The actions to execute: FIRE where a life was just lost, the agent's elsewhere."""
+        return actions if self.fire is None else np.where(self.serve, self.fire, actions)
+
+    def step(self, terminations: np.ndarray, truncations: np.ndarray, infos: dict) -> np.ndarray:
+        """Takes a step's flags; returns where a game ended on it (its env's next step is the reset step)."""
+        reset_step, lives, frames = self.reset_next, infos["lives"], infos["episode_frame_number"]
+        self.start = np.where(reset_step, frames, self.start)  # a reset step's obs is the new game's first
+        capped = frames - self.start >= self.max_frames
+        life_lost = (lives < self.lives) & (lives > 0) & ~capped
+        game_over = ~reset_step & (truncations | (terminations & ~life_lost) | capped)
+        self.serve = ~reset_step & life_lost
+        self.lives, self.reset_next = lives.copy(), game_over
+        return game_over
+
+
 def linear_schedule(start_e: float, end_e: float, duration: int, t: int) -> float:
     """start_e at t = 0, end_e from t = duration on, linear in between (either direction)."""
     if t >= duration:
@@ -492,8 +528,9 @@ def write_video(path: str, frames: list[np.ndarray], fps: int = 15) -> None:
 
 def evaluate(q_network: nn.Module, game: str, sticky: float, max_frames: int, episodes: int, epsilon: float,
              seed: int, device: torch.device, video_path: Optional[str] = None,
-             stop: Callable[[], bool] = lambda: False) -> np.ndarray:
-    """Plays `episodes` full games at once, one per env (so long games are not under-counted); returns the scores.
+             stop: Callable[[], bool] = lambda: False) -> tuple[np.ndarray, np.ndarray]:
+    """Plays `episodes` full games at once, one per env (so long games are not under-counted); returns their scores
+    and lengths in frames.
 
     The video comes from a second, colour env that replays game 0 in lockstep: same seed, same actions.
     `stop()` true ends the evaluation early (a signal arrived); the scores are then incomplete.
@@ -501,22 +538,26 @@ def evaluate(q_network: nn.Module, game: str, sticky: float, max_frames: int, ep
     envs = make_env(game, episodes, sticky, max_frames, train=False)
     video_env = make_env(game, 1, sticky, max_frames, train=False, rgb=True) if video_path else None
     rng = np.random.default_rng(seed)
-    obs, _ = envs.reset(seed=seed)
+    obs, infos = envs.reset(seed=seed)
+    games = Games(envs, infos, max_frames)
     frames = [video_env.reset(seed=seed)[0][0, 0]] if video_env else []
-    returns, finished, in_step = np.zeros(episodes), np.zeros(episodes, dtype=bool), True
+    returns, lengths, finished, in_step = np.zeros(episodes), np.zeros(episodes), np.zeros(episodes, dtype=bool), True
     while not finished.all() and not stop():
         with torch.inference_mode():
             q_values = q_network(torch.from_numpy(obs).to(device))
         actions = q_values.argmax(dim=1).cpu().numpy()  # sync point: the env needs host actions
         actions = np.where(rng.random(episodes) < epsilon, rng.integers(envs.single_action_space.n, size=episodes),
                            actions)
-        obs, rewards, terminations, truncations, _ = envs.step(actions)
+        actions = games.act(actions)
+        obs, rewards, terminations, truncations, infos = envs.step(actions)
         if video_env and not finished[0]:
             video_obs, video_rewards, *_ = video_env.step(actions[:1])
             frames.append(video_obs[0, 0])
             in_step &= bool(video_rewards[0] == rewards[0])
         returns += rewards * ~finished  # an env that already finished has autoreset: ignore its new game
-        finished |= terminations | truncations
+        game_over = games.step(terminations, truncations, infos) & ~finished
+        lengths[game_over] = infos["episode_frame_number"][game_over]
+        finished |= game_over
     envs.close()
     if video_env:
         video_env.close()
@@ -524,7 +565,7 @@ def evaluate(q_network: nn.Module, game: str, sticky: float, max_frames: int, ep
         if not in_step:
             print(f"warning: the video env left the evaluated game's trajectory; {video_path} may differ",
                   file=sys.stderr)
-    return returns
+    return returns, lengths
 
 
 def main(args: Args) -> None:
@@ -554,10 +595,11 @@ def main(args: Args) -> None:
         if args.capture_video:
             os.makedirs("videos", exist_ok=True)
             video_path = os.path.join("videos", f"play__{args.env_id.replace('/', '-')}__{args.seed}.mp4")
-        returns = evaluate(q_network, game, sticky, args.max_episode_frames, args.eval_episodes, args.eval_epsilon,
-                           args.seed, device, video_path)
+        returns, lengths = evaluate(q_network, game, sticky, args.max_episode_frames, args.eval_episodes,
+                                    args.eval_epsilon, args.seed, device, video_path)
         print(f"{args.eval_episodes} episodes of {args.play}: mean return {returns.mean():.2f} +- {returns.std():.2f}"
-              f" (min {returns.min():.1f}, max {returns.max():.1f})" + (f"; video: {video_path}" if video_path else ""))
+              f" (min {returns.min():.1f}, max {returns.max():.1f}), mean length {lengths.mean():,.0f} frames"
+              + (f"; video: {video_path}" if video_path else ""))
         return
     storage = replay_storage(args, device)
 
@@ -646,10 +688,10 @@ def main(args: Args) -> None:
     previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
 
     envs = make_env(game, args.num_envs, sticky, args.max_episode_frames, train=True)
-    obs, _ = envs.reset(seed=args.seed + global_step)
+    obs, infos = envs.reset(seed=args.seed + global_step)
+    games = Games(envs, infos, args.max_episode_frames)
     # each env's stream starts with the first frame of its game: a slot that is not a transition
     rb.add(obs[:, -1], *np.zeros((3, args.num_envs)), firsts=np.ones(args.num_envs, dtype=bool))
-    autoreset = np.zeros(args.num_envs, dtype=bool)  # True where the next step is the reset step after a game over
     episode_returns, episode_lengths = np.zeros(args.num_envs), np.zeros(args.num_envs, dtype=np.int64)
     recent_returns: list[float] = []
     update_stats = torch.zeros((LOG_EVERY, 2), device=device)  # (td_loss, mean Q) per update, read every LOG_EVERY
@@ -668,6 +710,7 @@ def main(args: Args) -> None:
             with torch.inference_mode():
                 q_values = q_network(torch.from_numpy(obs).to(device))
             actions = np.where(explore, actions, q_values.argmax(dim=1).cpu().numpy())  # sync point: host actions
+        actions = games.act(actions)  # FIRE after a life loss; the replay stores the action executed
 
         # TRY NOT TO MODIFY: execute the game and log data. The envs step in ale-py's threads while the learner
         # trains below; recv() then waits for them.
@@ -709,9 +752,8 @@ def main(args: Args) -> None:
                 n_target_syncs += 1
 
         next_obs, rewards, terminations, truncations, infos = envs.recv()
-        real = ~autoreset  # a reset step (action ignored, reward 0, obs = the new game's first) is not a transition
-        # terminated is a life loss or a game over; only lives == 0 (or the frame cap) ends the game
-        game_over = (terminations & (infos["lives"] == 0)) | truncations
+        real = ~games.reset_next  # a reset step (action ignored, reward 0, obs = the new game's first): no transition
+        game_over = games.step(terminations, truncations, infos)  # terminated alone may be a life loss
         episode_returns[real] += rewards[real]
         episode_lengths[real] += 1
         for i in np.flatnonzero(real & game_over):
@@ -720,8 +762,7 @@ def main(args: Args) -> None:
             writer.add_scalar("charts/episodic_length", episode_lengths[i], global_step)
             episode_returns[i], episode_lengths[i] = 0, 0
         # done = termination or life loss; a truncation bootstraps from its real final frame, stored in this slot
-        rb.add(next_obs[:, -1], actions, rewards, terminations, firsts=autoreset)
-        autoreset = game_over
+        rb.add(next_obs[:, -1], actions, rewards, terminations, firsts=~real)
         obs = next_obs
 
         done_training = global_step >= args.total_timesteps
@@ -730,9 +771,9 @@ def main(args: Args) -> None:
             if args.capture_video:
                 os.makedirs(os.path.join(run_dir, "videos"), exist_ok=True)
                 video_path = os.path.join(run_dir, "videos", f"eval_step{global_step}.mp4")
-            returns = evaluate(q_network, game, sticky, args.max_episode_frames, args.eval_episodes,
-                               args.eval_epsilon, args.seed + 1_000_000 + global_step, device, video_path,
-                               stop=lambda: bool(stop_signal))
+            returns, _ = evaluate(q_network, game, sticky, args.max_episode_frames, args.eval_episodes,
+                                  args.eval_epsilon, args.seed + 1_000_000 + global_step, device, video_path,
+                                  stop=lambda: bool(stop_signal))
             if stop_signal:  # a signal cut the evaluation short: stop without logging it
                 break
             writer.add_scalar("eval/episodic_return", returns.mean(), global_step)

@@ -282,7 +282,7 @@ class Batch(NamedTuple):
     rewards: torch.Tensor  # (B,) float32, unclipped
     next_observations: torch.Tensor  # (B, 4, 84, 84) uint8
     dones: torch.Tensor  # (B,) float32: termination or life loss (a truncation bootstraps)
-    indices: torch.Tensor  # (B,) int64 slot: env * per-env capacity + position
+    indices: torch.Tensor  # (B,) int64 slot: env * per-env capacity + position, on the replay's storage device
 
 
 class ReplayBuffer:
@@ -299,9 +299,9 @@ class ReplayBuffer:
         # ceil so the buffer never holds less than asked; at least a stack and a transition (plus one) per env
         self.per_env = max(-(-capacity // num_envs), STACK + 2)
         self.num_envs, self.storage, self.device = num_envs, storage, device
-        pin = storage.type == "cpu" and device.type == "cuda"  # host storage feeding a GPU: non-blocking copies
-        self.frames = torch.zeros((num_envs, self.per_env, 84, 84), dtype=torch.uint8, device=storage, pin_memory=pin)
-        self.rows = torch.zeros((num_envs, self.per_env, 4), dtype=torch.float32, device=storage, pin_memory=pin)
+        # not pinned: the pinned allocator would round 7.07 GB up to about 8.6 GB, and gather() pins each batch anyway
+        self.frames = torch.zeros((num_envs, self.per_env, 84, 84), dtype=torch.uint8, device=storage)
+        self.rows = torch.zeros((num_envs, self.per_env, 4), dtype=torch.float32, device=storage)
         self.pos, self.count = 0, 0  # the next slot written, and how many slots per env hold data
         self.newest_transition = (0, 0)  # a slot known to hold a sampleable transition (host ints: no sync)
 
@@ -345,7 +345,7 @@ class ReplayBuffer:
         window = (pos[:, None] + torch.arange(-STACK, 1, device=self.storage)) % self.per_env  # (B, 5): p-4 .. p
         frames = self.frames[env[:, None], window]  # (B, 5, 84, 84) uint8
         rows = self.rows[env[:, None], window]  # (B, 5, 4)
-        if self.storage != self.device:  # pinned host memory -> GPU, without blocking the host
+        if self.storage != self.device:  # host storage -> GPU: the batch is pinned so the copy does not block the host
             frames = frames.pin_memory().to(self.device, non_blocking=True)
             rows = rows.pin_memory().to(self.device, non_blocking=True)
         # frame m of the window is from an earlier game iff a later frame in the window (up to p) is a game's first
@@ -354,7 +354,7 @@ class ReplayBuffer:
         frames = frames * keep[:, :, None, None]  # (B, 5, 84, 84), zero padding as at reset
         last = rows[:, -1]  # (B, 4): the transition's own action, reward, done
         return Batch(frames[:, :STACK], last[:, 0].long(), last[:, 1], frames[:, 1:], last[:, 2],
-                     indices.to(self.device))
+                     indices)
 
     def state_dict(self) -> dict:
         return {"frames": self.frames.cpu(), "rows": self.rows.cpu(), "pos": self.pos, "count": self.count,

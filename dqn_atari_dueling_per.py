@@ -299,7 +299,7 @@ class Batch(NamedTuple):
     rewards: torch.Tensor  # (B,) float32, unclipped
     next_observations: torch.Tensor  # (B, 4, 84, 84) uint8
     dones: torch.Tensor  # (B,) float32: termination or life loss (a truncation bootstraps)
-    indices: torch.Tensor  # (B,) int64 slot: env * per-env capacity + position
+    indices: torch.Tensor  # (B,) int64 slot: env * per-env capacity + position, on the replay's storage device
     weights: torch.Tensor  # (B,) float32 importance-sampling weights, max 1
 
 
@@ -363,14 +363,15 @@ class ReplayBuffer:
         # ceil so the buffer never holds less than asked; at least a stack and a transition (plus one) per env
         self.per_env = max(-(-capacity // num_envs), STACK + 2)
         self.num_envs, self.storage, self.device = num_envs, storage, device
-        pin = storage.type == "cpu" and device.type == "cuda"  # host storage feeding a GPU: non-blocking copies
-        self.frames = torch.zeros((num_envs, self.per_env, 84, 84), dtype=torch.uint8, device=storage, pin_memory=pin)
-        self.rows = torch.zeros((num_envs, self.per_env, 4), dtype=torch.float32, device=storage, pin_memory=pin)
+        # not pinned: the pinned allocator would round 7.07 GB up to about 8.6 GB, and gather() pins each batch anyway
+        self.frames = torch.zeros((num_envs, self.per_env, 84, 84), dtype=torch.uint8, device=storage)
+        self.rows = torch.zeros((num_envs, self.per_env, 4), dtype=torch.float32, device=storage)
         self.pos, self.count = 0, 0  # the next slot written, and how many slots per env hold data
         self.tree = SumTree(num_envs * self.per_env, storage)
         self.alpha, self.eps = alpha, eps
         # new transitions get the largest priority^alpha seen so far (Schaul et al. 2016, Alg. 1); on device: no sync
         self.max_priority = torch.ones((), dtype=torch.float64, device=storage)
+        self.pending: Optional[tuple] = None  # the last update's (slots, priorities, copy-done event), not yet applied
 
     @staticmethod
     def bytes_needed(capacity: int, num_envs: int) -> int:
@@ -380,34 +381,53 @@ class ReplayBuffer:
     def add(self, frames: np.ndarray, actions: np.ndarray, rewards: np.ndarray, dones: np.ndarray,
             firsts: np.ndarray) -> None:
         """One slot per env: frames (N, 84, 84) uint8, the newest frame of each env's obs; the rest (N,)."""
+        self.apply_pending_priorities()
         rows = np.stack([actions, rewards, dones, firsts], axis=1).astype(np.float32)  # (N, 4)
         self.frames[:, self.pos] = torch.from_numpy(frames).to(self.storage, non_blocking=True)
         self.rows[:, self.pos] = torch.from_numpy(rows).to(self.storage, non_blocking=True)
         envs = torch.arange(self.num_envs, device=self.storage) * self.per_env
         is_first = torch.from_numpy(firsts).to(self.storage, non_blocking=True)
-        self.tree.set(envs + self.pos, torch.where(is_first, 0.0, self.max_priority))
+        slots, priorities = envs + self.pos, torch.where(is_first, 0.0, self.max_priority)  # (N,) each
         self.pos = (self.pos + 1) % self.per_env
         self.count = min(self.count + 1, self.per_env)
         if self.count == self.per_env:  # the 4 oldest slots lost frames of their obs to the ring: not sampleable
-            oldest = (self.pos + torch.arange(STACK, device=self.storage)) % self.per_env
-            slots = (envs[:, None] + oldest).flatten()
-            self.tree.set(slots, torch.zeros_like(slots, dtype=torch.float64))
+            oldest = (envs[:, None] + (self.pos + torch.arange(STACK, device=self.storage)) % self.per_env).flatten()
+            slots = torch.cat([slots, oldest])  # (N + 4 N,)
+            priorities = torch.cat([priorities, torch.zeros(oldest.shape, dtype=torch.float64, device=self.storage)])
+        self.tree.set(slots, priorities)  # one tree update per step: the new slots and the 4 oldest are distinct
 
     def __len__(self) -> int:
         return self.count * self.num_envs
 
     def sample(self, batch_size: int, beta: float) -> Batch:
         """Proportional to priority, stratified; with importance weights that undo the bias as beta -> 1."""
+        self.apply_pending_priorities()
         indices = self.tree.sample(batch_size)
         # w_i = (N P(i))^-beta / max_j w_j = (p_i / p_min)^-beta: N and the total cancel (Schaul et al. 2016, Sec. 3.4)
         weights = (self.tree.leaves(indices) / self.tree.mins[1]) ** -beta
         return self.gather(indices)._replace(weights=weights.float().to(self.device))
 
     def update_priorities(self, indices: torch.Tensor, td_errors: torch.Tensor) -> None:
-        """p_i = (|delta_i| + eps)^alpha for the sampled slots (Schaul et al. 2016, Alg. 1, line 12)."""
-        priorities = (td_errors.detach().abs().to(self.storage, torch.float64) + self.eps) ** self.alpha
-        self.tree.set(indices.to(self.storage), priorities)
+        """p_i = (|delta_i| + eps)^alpha for the sampled slots `indices` (on the storage device, as sampled) (Schaul et
+        al. 2016, Alg. 1, line 12). They reach the tree at the next add or sample: a GPU learner's TD errors travel to
+        host storage without blocking the host, which waits for them only when the tree is next used."""
+        priorities = (td_errors.detach().abs().double() + self.eps) ** self.alpha  # (B,) on the learner's device
+        event = None
+        if priorities.device != self.storage:  # GPU learner, host tree: a non-blocking copy into pinned memory
+            priorities = priorities.to("cpu", non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        self.pending = (indices, priorities, event)
+
+    def apply_pending_priorities(self) -> None:
+        if self.pending is None:
+            return
+        indices, priorities, event = self.pending
+        if event is not None:
+            event.synchronize()  # sync point: waits for the update that computed them, if still running
+        self.tree.set(indices, priorities)
         self.max_priority = torch.maximum(self.max_priority, priorities.max())
+        self.pending = None
 
     def gather(self, indices: torch.Tensor) -> Batch:
         """Rebuilds the transitions in slots `indices` (B,): their obs and next obs stacks from 5 frames each."""
@@ -415,7 +435,7 @@ class ReplayBuffer:
         window = (pos[:, None] + torch.arange(-STACK, 1, device=self.storage)) % self.per_env  # (B, 5): p-4 .. p
         frames = self.frames[env[:, None], window]  # (B, 5, 84, 84) uint8
         rows = self.rows[env[:, None], window]  # (B, 5, 4)
-        if self.storage != self.device:  # pinned host memory -> GPU, without blocking the host
+        if self.storage != self.device:  # host storage -> GPU: the batch is pinned so the copy does not block the host
             frames = frames.pin_memory().to(self.device, non_blocking=True)
             rows = rows.pin_memory().to(self.device, non_blocking=True)
         # frame m of the window is from an earlier game iff a later frame in the window (up to p) is a game's first
@@ -424,9 +444,10 @@ class ReplayBuffer:
         frames = frames * keep[:, :, None, None]  # (B, 5, 84, 84), zero padding as at reset
         last = rows[:, -1]  # (B, 4): the transition's own action, reward, done
         return Batch(frames[:, :STACK], last[:, 0].long(), last[:, 1], frames[:, 1:], last[:, 2],
-                     indices.to(self.device), torch.ones_like(last[:, 2]))
+                     indices, torch.ones_like(last[:, 2]))
 
     def state_dict(self) -> dict:
+        self.apply_pending_priorities()
         return {"frames": self.frames.cpu(), "rows": self.rows.cpu(), "pos": self.pos, "count": self.count,
                 "sums": self.tree.sums.cpu(), "mins": self.tree.mins.cpu(), "max_priority": self.max_priority.cpu()}
 

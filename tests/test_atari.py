@@ -1,6 +1,8 @@
 """What dqn_atari.py and dqn_atari_dueling_per.py share: env-id mapping, the frame-deduplicated replay (stacks equal to
 the env's, bit for bit), life-loss / reset-step / truncation handling, memory, smoke runs and TD targets."""
 
+import re
+
 import cv2
 import numpy as np
 import pytest
@@ -80,7 +82,8 @@ class Recorder:
 
     def reset(self, **kwargs):
         obs, info = self.env.reset(**kwargs)
-        self.log.append(dict(obs=obs.copy(), actions=None, rewards=None, term=None, trunc=None, lives=info["lives"]))
+        self.log.append(dict(obs=obs.copy(), actions=None, rewards=None, term=None, trunc=None, lives=info["lives"],
+                             frames=info["episode_frame_number"].copy()))
         return obs, info
 
     def send(self, actions):
@@ -90,14 +93,15 @@ class Recorder:
     def recv(self):
         obs, rewards, term, trunc, info = out = self.env.recv()
         self.log.append(dict(obs=obs.copy(), actions=self.actions, rewards=rewards.copy(), term=term.copy(),
-                             trunc=trunc.copy(), lives=info["lives"].copy()))
+                             trunc=trunc.copy(), lives=info["lives"].copy(),
+                             frames=info["episode_frame_number"].copy()))
         return out
 
 
-@pytest.fixture
-def recorded_run(dqn, tmp_path, monkeypatch):
-    """Runs the script's own main() with random actions on Breakout, 3 envs, a buffer that wraps around 3 times and
-    a 200-step frame cap, recording what the env returned and keeping the script's replay buffer."""
+def record_main(dqn, tmp_path, monkeypatch, noop: bool = False, **overrides):
+    """Runs the script's own main() on Breakout (unless overridden), recording what the training env returned and
+    keeping the script's replay buffer. noop=True: a network whose Q-values are all equal (argmax: action 0, NOOP)
+    and no exploration, i.e. a policy that never presses FIRE itself."""
     monkeypatch.chdir(tmp_path)
     recorders, buffers = [], []
     make_env = dqn.make_env
@@ -114,12 +118,38 @@ def recorded_run(dqn, tmp_path, monkeypatch):
             super().__init__(*args, **kwargs)
             buffers.append(self)
 
+    class NoopQNetwork(dqn.QNetwork):
+        def forward(self, x):
+            return super().forward(x) * 0
+
     monkeypatch.setattr(dqn, "make_env", recording_make_env)
     monkeypatch.setattr(dqn, "ReplayBuffer", KeptBuffer)
-    dqn.main(dqn.Args(env_id="BreakoutNoFrameskip-v4", num_envs=3, total_timesteps=1800, buffer_size=600,
-                      learning_starts=1700, train_frequency=50, start_e=1.0, end_e=1.0, max_episode_frames=800,
-                      eval_episodes=1, run_name="rec", cuda=False, checkpoint_frequency=0))
-    return recorders[-1].log, buffers[-1], tmp_path / "runs/rec"
+    if noop:
+        monkeypatch.setattr(dqn, "QNetwork", NoopQNetwork)
+        overrides = {"start_e": 0.0, "end_e": 0.0, "eval_epsilon": 0.0, **overrides}
+    args = dqn.Args(**{**dict(env_id="BreakoutNoFrameskip-v4", eval_episodes=1, run_name="rec", cuda=False,
+                              checkpoint_frequency=0), **overrides})
+    dqn.main(args)
+    return recorders[-1].log, buffers[-1], tmp_path / "runs" / args.run_name
+
+
+@pytest.fixture
+def recorded_run(dqn, tmp_path, monkeypatch):
+    """Random actions, 3 envs, a buffer that wraps around 3 times and a 200-step frame cap."""
+    return record_main(dqn, tmp_path, monkeypatch, num_envs=3, total_timesteps=1800, buffer_size=600,
+                       learning_starts=1700, train_frequency=50, start_e=1.0, end_e=1.0, max_episode_frames=800)
+
+
+def reset_steps(log) -> np.ndarray:
+    """(steps, envs): where the env reset, seen in the obs alone, not in the flags: ale-py pads a new game's first
+    stack with zeros, [0, 0, 0, f0], which no frame of a game in progress is (Breakout and Ms. Pac-Man never show a
+    black screen)."""
+    return np.array([[not obs[-2].any() for obs in entry["obs"]] for entry in log])
+
+
+def game_overs(log) -> np.ndarray:
+    """(steps - 1, envs): where a game ended, as ale-py decided it: the next step was its reset step."""
+    return reset_steps(log)[1:]
 
 
 def expected_transitions(log, rb):
@@ -127,23 +157,25 @@ def expected_transitions(log, rb):
     slots that are transitions (not the first frame of a game, not too old to have the frames of their obs)."""
     writes = len(log)  # the reset, then one slot per step
     assert rb.pos == writes % rb.per_env and rb.count == min(writes, rb.per_env)
-    game_over = [np.zeros(rb.num_envs, dtype=bool)] + [(e["term"] & (e["lives"] == 0)) | e["trunc"] for e in log[1:]]
+    reset = reset_steps(log)
     # a slot younger than the 4 oldest has every frame of its 4-stack obs (or its game started inside the buffer)
     lowest = 1 if rb.count < rb.per_env else writes - rb.count + 4
     valid = {}
     for w in range(lowest, writes):
         for env in range(rb.num_envs):
-            if not game_over[w - 1][env]:  # the step after a game over is the reset step: not a transition
+            if not reset[w][env]:  # the step after a game over is the reset step: not a transition
                 valid[(env, w % rb.per_env)] = w
     return valid
 
 
-def test_sampled_stacks_equal_the_envs_bit_for_bit(recorded_run):
-    log, rb, _ = recorded_run
+def check_stacks(log, rb) -> dict:
+    """Asserts that every transition the buffer holds is the env's, bit for bit; returns how many of each kind of
+    boundary the check crossed."""
     valid = expected_transitions(log, rb)
-    indices = torch.tensor([env * rb.per_env + pos for env, pos in valid])
-    batch = rb.gather(indices)
-    kinds = {"life_loss": 0, "game_over": 0, "truncated": 0, "after_reset": 0}
+    batch = rb.gather(torch.tensor([env * rb.per_env + pos for env, pos in valid], device=rb.storage))
+    batch = type(batch)(*(t.cpu() for t in batch))
+    over = game_overs(log)
+    kinds = {"life_loss": 0, "game_over": 0, "truncated": 0, "after_reset": 0, "capped_life_loss": 0}
     for i, (env, pos) in enumerate(valid):
         w = valid[(env, pos)]
         assert np.array_equal(batch.observations[i].numpy(), log[w - 1]["obs"][env]), (env, w)
@@ -151,11 +183,19 @@ def test_sampled_stacks_equal_the_envs_bit_for_bit(recorded_run):
         assert batch.actions[i] == log[w]["actions"][env]
         assert batch.rewards[i] == log[w]["rewards"][env]
         assert batch.dones[i] == log[w]["term"][env]  # a life loss is terminal, a truncation is not
-        kinds["life_loss"] += bool(log[w]["term"][env] and log[w]["lives"][env] > 0)
-        kinds["game_over"] += bool(log[w]["term"][env] and log[w]["lives"][env] == 0)
+        ended = w < len(over) and over[w][env]
+        kinds["life_loss"] += bool(log[w]["term"][env] and not ended)
+        kinds["game_over"] += bool(log[w]["term"][env] and ended)
         kinds["truncated"] += bool(log[w]["trunc"][env])
         kinds["after_reset"] += bool(log[w - 1]["obs"][env][0].max() == 0)  # obs padded with zeros
-    assert min(kinds.values()) > 0, kinds  # the property was checked on every kind of boundary
+        kinds["capped_life_loss"] += bool(ended and log[w]["term"][env] and log[w]["lives"][env] > 0)
+    return kinds
+
+
+def test_sampled_stacks_equal_the_envs_bit_for_bit(recorded_run):
+    log, rb, _ = recorded_run
+    kinds = check_stacks(log, rb)
+    assert min(v for k, v in kinds.items() if k != "capped_life_loss") > 0, kinds  # every kind of boundary checked
 
 
 def test_sampling_returns_only_transitions(recorded_run, script):
@@ -170,17 +210,118 @@ def test_sampling_returns_only_transitions(recorded_run, script):
     assert torch.equal(again.observations, batch.observations[:64])
 
 
-def test_logged_return_is_the_full_unclipped_game_score(recorded_run):
-    log, _, run_dir = recorded_run
-    scores, running = [], np.zeros(3)
-    for entry in log[1:]:
+def logged_scores_match_the_games(log, run_dir):
+    """The logged returns are the full, unclipped scores of the games ale-py ended (the last step's game over, which
+    the log cannot confirm, excluded); returns how many games ended."""
+    over, scores, running = game_overs(log), [], np.zeros(len(log[0]["obs"]))
+    for w, entry in enumerate(log[1:-1], start=1):
         running += entry["rewards"]  # 0 on reset steps
-        for env in np.flatnonzero((entry["term"] & (entry["lives"] == 0)) | entry["trunc"]):
+        for env in np.flatnonzero(over[w]):
             scores.append(running[env])
             running[env] = 0
-    logged = [v for _, v in read_scalars(run_dir, "charts/episodic_return")]
-    assert sorted(logged) == sorted(scores) and len(scores) >= 5
-    assert max(logged) > 1  # several bricks: the per-life or clipped variants would differ
+    last_step = max(s for s, _ in read_scalars(run_dir, "charts/SPS") + read_scalars(run_dir, "eval/episodic_return"))
+    logged = [v for s, v in read_scalars(run_dir, "charts/episodic_return") if s < last_step]
+    assert sorted(logged) == sorted(scores)
+    return scores
+
+
+def test_logged_return_is_the_full_unclipped_game_score(recorded_run):
+    log, _, run_dir = recorded_run
+    scores = logged_scores_match_the_games(log, run_dir)
+    assert len(scores) >= 5 and max(scores) > 1  # several bricks: the per-life or clipped variants would differ
+
+
+# ---------------------------------------------------------------- life loss: the serve and the end of a game
+BREAKOUT_FIRE, NOOP = 1, 0
+
+
+def test_noop_policy_is_served_after_every_lost_life_and_loses_its_games(dqn, tmp_path, monkeypatch):
+    log, rb, run_dir = record_main(dqn, tmp_path, monkeypatch, noop=True, num_envs=2, total_timesteps=700,
+                                   buffer_size=4000, learning_starts=690, train_frequency=50)
+    over = game_overs(log)
+    life_losses = 0
+    for w in range(1, len(log) - 1):
+        for env in range(2):
+            lost = bool(log[w]["term"][env] and not over[w][env])
+            life_losses += lost
+            # the step after a lost life is FIRE (the serve), every other step the policy's NOOP
+            assert log[w + 1]["actions"][env] == (BREAKOUT_FIRE if lost else NOOP), (w, env)
+            if lost:  # and the replay stores the action executed
+                assert rb.gather(torch.tensor([env * rb.per_env + (w + 1)])).actions.item() == BREAKOUT_FIRE
+    # without the serve, a NOOP policy stalls after its first lost life until the 108k-frame cap
+    assert over.sum() >= 4 and life_losses >= 4 * over.sum()
+    assert max(e["frames"].max() for e in log) < 2_000
+    assert len(logged_scores_match_the_games(log, run_dir)) == over.sum()
+
+
+def test_noop_policy_ends_its_evaluation_games_long_before_the_cap(dqn):
+    class NoopQNetwork(dqn.QNetwork):
+        def forward(self, x):
+            return super().forward(x) * 0
+
+    returns, lengths = dqn.evaluate(NoopQNetwork(4), "breakout", 0.0, 108_000, episodes=3, epsilon=0.0, seed=0,
+                                    device=torch.device("cpu"))
+    assert (0 < lengths).all() and (lengths < 2_000).all(), lengths  # 108,000 frames without the serve
+
+
+def test_a_game_without_fire_is_not_served(dqn, tmp_path, monkeypatch):
+    log, _, _ = record_main(dqn, tmp_path, monkeypatch, noop=True, env_id="MsPacmanNoFrameskip-v4", num_envs=1,
+                            total_timesteps=450, buffer_size=1000, learning_starts=440, train_frequency=50)
+    assert sum(bool(e["term"][0]) for e in log[1:]) >= 2  # lives were lost
+    assert all(e["actions"][0] == NOOP for e in log[1:])  # and nothing but the policy's NOOP was played
+
+
+class FakeVectorEnv:
+    """What Games reads of an env: its action set."""
+
+    def __init__(self, actions):
+        self.ale = type("ALE", (), {"get_action_set": staticmethod(lambda: actions)})()
+
+
+def test_game_end_and_serve_follow_ale_pys_rules(dqn):
+    import ale_py
+
+    A = ale_py.Action
+    start = {"lives": np.array([5, 1, 5, 5, 5]), "episode_frame_number": np.full(5, 16)}
+    games = dqn.Games(FakeVectorEnv([A.NOOP, A.FIRE, A.RIGHT, A.LEFT]), start, max_frames=100)
+    assert games.fire == 1
+    # env 0: a life lost; 1: a game whose lives never change (Adventure) terminates; 2: a life lost on the step that
+    # reaches the cap (ale-py reports terminated only, yet resets); 3: truncated; 4: a life lost in an evaluation env
+    # (no life-loss termination)
+    terminations = np.array([True, True, True, False, False])
+    truncations = np.array([False, False, False, True, False])
+    infos = {"lives": np.array([4, 1, 4, 5, 4]), "episode_frame_number": np.array([60, 60, 116, 116, 60])}
+    assert games.step(terminations, truncations, infos).tolist() == [False, True, True, True, False]
+    assert games.act(np.full(5, 3)).tolist() == [1, 3, 3, 3, 1]  # FIRE only after a lost life that goes on
+    # the reset steps of envs 1-3: no game over, no serve; the cap counts from the new game's first frame
+    infos = {"lives": np.array([4, 1, 5, 5, 4]), "episode_frame_number": np.array([64, 30, 30, 30, 64])}
+    assert not games.step(np.zeros(5, bool), np.zeros(5, bool), infos).any()
+    assert games.act(np.full(5, 3)).tolist() == [3] * 5
+    infos = {"lives": np.array([4, 1, 4, 5, 4]), "episode_frame_number": np.array([68, 129, 129, 34, 68])}
+    assert games.step(np.array([False, False, True, False, False]), np.zeros(5, bool), infos).tolist() == [
+        False, False, False, False, False]  # 99 frames into the new games: the cap (100) is not reached yet
+    assert games.act(np.full(5, 3)).tolist() == [3, 3, 1, 3, 3]
+    no_fire = dqn.Games(FakeVectorEnv([A.NOOP, A.UP, A.DOWN]), start, max_frames=100)
+    no_fire.step(terminations, truncations, {**infos, "lives": np.array([4, 1, 4, 5, 4])})
+    assert no_fire.fire is None and no_fire.act(np.full(5, 2)).tolist() == [2] * 5
+
+
+def test_a_life_loss_on_the_capped_step_ends_the_game(dqn, tmp_path, monkeypatch):
+    """The frame cap chosen so that it falls on the step of env 0's first lost life (found with a first, uncapped
+    run of the same deterministic NOOP policy): ale-py reports terminated only, with lives > 0, and resets."""
+    flags = dict(num_envs=2, total_timesteps=400, buffer_size=4000, learning_starts=390, train_frequency=50)
+    probe, _, _ = record_main(dqn, tmp_path, monkeypatch, noop=True, run_name="probe", **flags)
+    w = next(w for w, e in enumerate(probe[1:], start=1) if e["term"][0])  # env 0's first life loss
+    cap = int(probe[w]["frames"][0] - probe[0]["frames"][0])
+    log, rb, run_dir = record_main(dqn, tmp_path, monkeypatch, noop=True, max_episode_frames=cap, **flags)
+    assert log[w]["term"][0] and not log[w]["trunc"][0] and log[w]["lives"][0] > 0  # the coincidence happened
+    assert reset_steps(log)[w + 1][0]  # and ale-py reset the game
+    # the reset step is not stored as a transition, and no stack across the two games is wrong
+    assert (0, (w + 1) % rb.per_env) not in expected_transitions(log, rb)
+    assert rb.rows[0, (w + 1) % rb.per_env, 3] == 1  # marked as a game's first frame
+    assert check_stacks(log, rb)["capped_life_loss"] > 0
+    # the game's score was logged as a game over (not merged with the next game's)
+    assert len(logged_scores_match_the_games(log, run_dir)) >= 2
 
 
 # ---------------------------------------------------------------- learner pieces
@@ -230,9 +371,34 @@ def test_play_mode_records_the_evaluated_game_as_video(script, tmp_path):
     played = run_script(script, "--play", tmp_path / f"runs/v/{script}.cleanrl_model", "--eval-episodes", 2,
                         "--eval-epsilon", 0.5, "--max-episode-frames", 2000, "--capture-video", cwd=tmp_path)
     assert played.returncode == 0, played.stderr
-    assert "2 episodes of" in played.stdout
+    assert "2 episodes of" in played.stdout and re.search(r"mean length [\d,]+ frames", played.stdout)
     assert "left the evaluated game's trajectory" not in played.stderr  # the colour env stayed in lockstep
     (video,) = (tmp_path / "videos").glob("*.mp4")
     capture = cv2.VideoCapture(str(video))
     ok, frame = capture.read()
     assert ok and frame.shape == (210, 160, 3) and capture.get(cv2.CAP_PROP_FRAME_COUNT) > 20
+
+
+# ---------------------------------------------------------------- CUDA (skipped where no GPU is present)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; this machine has none")
+
+
+@needs_cuda
+@pytest.mark.parametrize("storage", ["cuda", "cpu"])  # the buffer on the GPU, or host storage feeding a GPU learner
+def test_cuda_stacks_equal_the_envs_and_sampling_returns_transitions(recorded_run, dqn, script, storage):
+    log, cpu_rb, _ = recorded_run
+    rb = dqn.ReplayBuffer(600, 3, torch.device(storage), torch.device("cuda"))
+    rb.load_state_dict(cpu_rb.state_dict())
+    assert min(v for k, v in check_stacks(log, rb).items() if k != "capped_life_loss") > 0
+    batch = rb.sample(4096) if script == "dqn_atari" else rb.sample(4096, beta=0.4)
+    assert batch.observations.device.type == "cuda" and batch.indices.device.type == storage
+    slots = {(int(i) // rb.per_env, int(i) % rb.per_env) for i in batch.indices}
+    assert slots <= set(expected_transitions(log, rb))
+
+
+@needs_cuda
+def test_cuda_smoke_run(script, tmp_path):
+    result = run_script(script, *SMOKE, "--cuda", "--run-name", "smoke", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "learner on cuda" in result.stdout
+    assert finished_counts(result.stdout) == {"steps": 1200, "updates": 200, "target_syncs": 4}

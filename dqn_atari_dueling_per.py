@@ -11,8 +11,7 @@ Everything else (env, preprocessing, frame-deduplicated replay, evaluation, chec
     python dqn_atari_dueling_per.py --env-id BreakoutNoFrameskip-v4
 
 Defaults not from dqn_atari.py, with their sources: learning rate 6.25e-5 = the DQN rate / 4 (Schaul et al. 2016,
-Sec. 4), Adam eps 1.5e-4 (Hessel et al. 2018, arXiv:1710.02298, who used Adam where these papers used RMSProp),
-alpha 0.6 and beta0 0.4 (Schaul et al. 2016, Table 3, proportional), priority eps 1e-6 (OpenAI baselines).
+Sec. 4), alpha 0.6 and beta0 0.4 (Schaul et al. 2016, Table 3, proportional), priority eps 1e-6 (OpenAI baselines).
 """
 
 import copy
@@ -80,8 +79,8 @@ class Args:
     """the number of parallel game environments (ale-py threads); updates stay one per train_frequency env steps"""
     learning_rate: float = 6.25e-5
     """the learning rate of the optimizer (Schaul et al. 2016: the DQN rate / 4)"""
-    adam_eps: float = 1.5e-4
-    """Adam's epsilon (Hessel et al. 2018)"""
+    adam_eps: float = 1e-8
+    """Adam's epsilon; keep it far below the gradients' RMS, which the importance weights (mean ~0.05) scale down"""
     buffer_size: int = 1_000_000
     """the replay memory buffer size (transitions, over all envs)"""
     gamma: float = 0.99

@@ -3,7 +3,10 @@
 Two measurements per device and batch size, each the mean over `iters` batches after a warm-up:
 - tree: SumTree.sample(B) (stratified descent) + SumTree.set(B leaves) (priority update), on 2^20 leaves;
 - buffer: ReplayBuffer.sample(B, beta) (descent, importance weights, rebuilding the B obs/next-obs stacks from frames)
-  + ReplayBuffer.update_priorities(B), on a full 1M-transition buffer (about 7.1 GB of RAM, or GPU memory with --cuda).
+  + ReplayBuffer.update_priorities(B), on a full 1M-transition buffer of 8 envs (about 7.1 GB of RAM, or GPU memory
+  with --cuda);
+- add: ReplayBuffer.add of one vector step (8 envs' frames, the new slots' priorities, the 4 oldest slots zeroed) on
+  that full buffer.
 The full buffer is made "full" by setting its counters and all priorities directly (adding 1M frames one by one would
 take minutes and changes nothing the timing depends on): every slot is a sampleable transition with a random priority.
 
@@ -18,12 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 import tyro
 
 from benchmarks.common import RESULTS_DIR, format_table, load_script, require_cuda, write_json
 
 PER_SCRIPT = "dqn_atari_dueling_per.py"
+NUM_ENVS = 8  # the scripts' default
 
 
 def mean_seconds(step: Callable[[], Any], device: torch.device, warmup: int, iters: int) -> float:
@@ -53,11 +58,13 @@ def measure(capacity: int, batch_sizes: list[int], device: torch.device, warmup:
                      "device": str(device), "seconds": seconds})
     del tree
     if full_buffer:
-        rb = mod.ReplayBuffer(capacity, 1, device, device)
+        rb = mod.ReplayBuffer(capacity, NUM_ENVS, device, device)
         rb.pos, rb.count = 0, rb.per_env  # full: every slot old enough to hold its whole stack
-        slots = torch.arange(rb.per_env, device=device)
-        rb.tree.set(slots, torch.rand(rb.per_env, dtype=torch.float64, device=device) + 1e-3)
-        rb.tree.set(slots[:4], torch.zeros(4, dtype=torch.float64, device=device))  # the 4 oldest: not sampleable
+        slots = torch.arange(NUM_ENVS * rb.per_env, device=device)
+        rb.tree.set(slots, torch.rand(len(slots), dtype=torch.float64, device=device) + 1e-3)
+        oldest = torch.arange(NUM_ENVS, device=device)[:, None] * rb.per_env + torch.arange(4, device=device)
+        oldest = oldest.flatten()
+        rb.tree.set(oldest, torch.zeros(len(oldest), dtype=torch.float64, device=device))  # not sampleable
         for b in batch_sizes:
             td_errors = torch.randn(b, device=device)
 
@@ -67,6 +74,11 @@ def measure(capacity: int, batch_sizes: list[int], device: torch.device, warmup:
 
             rows.append({"what": "buffer", "capacity": capacity, "leaves": rb.tree.size, "batch_size": b,
                          "device": str(device), "seconds": mean_seconds(step, device, warmup, iters)})
+        frames = np.zeros((NUM_ENVS, 84, 84), dtype=np.uint8)
+        zeros, firsts = np.zeros(NUM_ENVS, dtype=np.float32), np.zeros(NUM_ENVS, dtype=bool)
+        rows.append({"what": "add", "capacity": capacity, "leaves": rb.tree.size, "batch_size": NUM_ENVS,
+                     "device": str(device), "seconds": mean_seconds(lambda: rb.add(frames, zeros, zeros, zeros, firsts),
+                                                                    device, warmup, iters)})
     return rows
 
 
@@ -79,7 +91,8 @@ class Args:
     cuda: bool = False
     """time on the GPU (refused when there is none)"""
     full_buffer: bool = True
-    """also time ReplayBuffer.sample + update_priorities on a full buffer of `capacity` transitions (7.1 GB at 1M)"""
+    """also time ReplayBuffer.sample + update_priorities, and add, on a full buffer of `capacity` transitions (7.1 GB
+    at 1M)"""
     warmup: int = 20
     """untimed batches first"""
     iters: int = 200
@@ -94,7 +107,7 @@ def main(args: Args) -> None:
     rows = measure(args.capacity, list(args.batch_sizes), device, args.warmup, args.iters, args.full_buffer)
     threads = torch.get_num_threads()
     print(f"PER cost per batch, {PER_SCRIPT}, capacity {args.capacity:,} ({device}, {threads} threads):")
-    print(format_table(["what", "leaves", "batch", "ms per batch (sample + priority update)"],
+    print(format_table(["what", "leaves", "batch", "ms per batch (sample + priority update; add: one vector step)"],
                        [[r["what"], r["leaves"], r["batch_size"], 1e3 * r["seconds"]] for r in rows], digits=3))
     out = args.out or RESULTS_DIR / ("per_cost_cuda.json" if args.cuda else "per_cost.json")
     write_json(out, {"config": {"capacity": args.capacity, "batch_sizes": list(args.batch_sizes),

@@ -44,8 +44,8 @@ from typing import Any, Optional, Sequence
 
 import tyro
 
-from benchmarks.common import (REPO_ROOT, RESULTS_DIR, RUN_NAME_RE, describe_machine, machine_info, run_name_for,
-                               script_path, split_passthrough)
+from benchmarks.common import (REPO_ROOT, RESULTS_DIR, RUN_NAME_RE, describe_machine, git_state, machine_info,
+                               run_name_for, script_path, split_passthrough)
 
 GRID_ROOT = RESULTS_DIR / "grids"
 # flags the grid sets per cell; in the extra flags they would make cells collide or break resumption
@@ -270,7 +270,8 @@ class Runner:
                  if k in os.environ}
         state = {"cell": asdict(cell), "status": "running", "action": action.value, "attempts": attempt,
                  "failures": state.get("failures", 0), "command": command, "started": time.time(),
-                 "machine": machine_info(), "slurm": slurm or None}
+                 "wall_s": state.get("wall_s", 0.0),  # the seconds of every attempt so far, this one added at its end
+                 "machine": machine_info(), "git": git_state(), "slurm": slurm or None}
         self.paths.log(cell).parent.mkdir(parents=True, exist_ok=True)
         with open(self.paths.log(cell), "a") as log:
             log.write(f"=== attempt {attempt}, {action.value}, {time.strftime('%Y-%m-%d %H:%M:%S')} on "
@@ -288,7 +289,9 @@ class Runner:
             with self._lock:
                 self._children.discard(child)
         outcome = classify_exit(returncode)
-        state.update(status=outcome, returncode=returncode, ended=time.time(),
+        ended = time.time()
+        state.update(status=outcome, returncode=returncode, ended=ended,
+                     wall_s=state["wall_s"] + ended - state["started"],
                      failures=state["failures"] + (outcome == "failed"))
         write_atomic(self.paths.state(cell), json.dumps(state, indent=2) + "\n")
         if outcome == "done":

@@ -3,7 +3,8 @@
 
     python -m benchmarks.atari_short                  # run what is missing, one run at a time, then report
     python -m benchmarks.atari_short --dry-run        # what would run
-    python -m benchmarks.atari_short --report-only    # rewrite the table and plots from the JSON, run nothing
+    python -m benchmarks.atari_short --record-only    # train nothing: record cells the grids finished, the random
+                                                      # baseline; rewrite the table and plots
 
 Each env id's cells run through benchmarks/grid.py (grid folder results/grids/atari_short_{game}/), so a cell the grid
 finished is never redone and an interrupted one resumes from its checkpoint (every 50k steps, replay included).
@@ -200,8 +201,8 @@ def plot(data: dict[str, Any], env_id: str) -> Path:
 class Args:
     dry_run: bool = False
     """print what would run, run nothing"""
-    report_only: bool = False
-    """rewrite the table and plots from the JSON, run nothing"""
+    record_only: bool = False
+    """train nothing: record the cells the grids have finished (and the random baseline); rewrite table and plots"""
     sb3: bool = True
     """also run Stable-Baselines3's DQN cell(s)"""
     max_attempts: int = 3
@@ -218,37 +219,43 @@ def main(args: Args) -> int:
     if args.out.exists():
         data = {k: v for k, v in json.loads(args.out.read_text()).items() if k != "meta"}
         if data["protocol"]["flags"] != list(PROTOCOL):
-            raise SystemExit(f"{args.out} was made with other protocol flags; move it aside to start a new record")
+            print(f"error: {args.out} was made with other protocol flags; move it aside to start a new record",
+                  file=sys.stderr)
+            return 2
         data["protocol"] = protocol
     done = {key(r) for r in data["runs"]}
     todo = [c for env_id in PLAN for c in wanted_cells(env_id) if (c.script, c.env_id, c.seed) not in done]
     sb3_todo = [c for c in SB3_CELLS if args.sb3 and not any(k[1:] == c and k[0].startswith("stable") for k in done)]
-    if args.dry_run or args.report_only:
+    if args.dry_run:
         print("to run: " + (", ".join([c.run_name for c in todo] + [f"SB3 {e} seed {s}" for e, s in sb3_todo]) or
                             "nothing"))
+        return 0
     save = lambda: write_json(args.out, data)  # noqa: E731
-    if not (args.dry_run or args.report_only):
-        for env_id in PLAN:
-            if env_id not in data["random"]:
-                data["random"][env_id] = in_fresh_process(random_baseline, env_id)
-                save()
-        runners = {}
-        for cell in todo:
-            spec = grid_spec(cell.env_id)
-            paths = GridPaths(GRID_ROOT / spec.name)
-            if spec.name not in runners:
-                runners[spec.name] = Runner(load_or_create_spec(paths, spec), paths, sys.executable, args.max_attempts)
-            runner = runners[spec.name]
-            outcome = run_cells(runner, [cell], len(expand_grid(spec)), 1)[cell.run_name]
-            if outcome in ("done", Action.SKIP_DONE.value):
+    for env_id in PLAN:
+        if env_id not in data["random"]:
+            data["random"][env_id] = in_fresh_process(random_baseline, env_id)
+            save()
+    runners: dict[str, Runner] = {}
+    for cell in todo:
+        spec = grid_spec(cell.env_id)
+        paths = GridPaths(GRID_ROOT / spec.name)
+        if args.record_only:
+            if paths.done(cell).exists():
                 data["runs"].append(cell_record(paths, cell))
                 save()
-            if runner.stop.is_set():
-                return 130
-        for env_id, seed in sb3_todo:
-            data["runs"].append(in_fresh_process(sb3_run, env_id, seed))
+            continue
+        if spec.name not in runners:
+            runners[spec.name] = Runner(load_or_create_spec(paths, spec), paths, sys.executable, args.max_attempts)
+        outcome = run_cells(runners[spec.name], [cell], len(expand_grid(spec)), 1)[cell.run_name]
+        if outcome in ("done", Action.SKIP_DONE.value):
+            data["runs"].append(cell_record(paths, cell))
             save()
-    if args.dry_run or not data["runs"]:
+        if runners[spec.name].stop.is_set():
+            return 130
+    for env_id, seed in [] if args.record_only else sb3_todo:
+        data["runs"].append(in_fresh_process(sb3_run, env_id, seed))
+        save()
+    if not data["runs"]:
         return 0
     for env_id in sorted({r["env_id"] for r in data["runs"]}):
         print(f"wrote {plot(data, env_id)}")

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import common, grid, memory, plot
+from benchmarks import atari_short, common, grid, memory, plot
 from benchmarks.common import ScalarPoint
 from benchmarks.grid import Action, GridPaths, GridSpec
 
@@ -227,6 +227,9 @@ def test_runner_resumes_an_interrupted_cell_and_then_skips_it(fake_grid, monkeyp
     assert runner.run_cell(cell, 1) == Action.SKIP_DONE.value
     assert len((paths.run_dir(cell) / "argv.txt").read_text().splitlines()) == 2  # not run again
     assert paths.log(cell).read_text().count("=== attempt") == 2
+    done = json.loads(paths.state(cell).read_text())
+    assert done["wall_s"] > done["ended"] - done["started"] > 0  # both attempts' time, not only the last one's
+    assert done["git"]["commit"]
 
 
 def test_runner_counts_failures_and_moves_a_checkpointless_attempt_aside(fake_grid, monkeypatch):
@@ -247,6 +250,43 @@ def test_runner_starts_nothing_after_a_stop(fake_grid, monkeypatch):
     runner.stop.set()
     assert runner.run_cell(cell, 1) == "not started"
     assert not runner.paths.run_dir(cell).exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# atari_short
+# ---------------------------------------------------------------------------------------------------------------------
+def test_atari_short_cells_and_steady_sps():
+    cells = atari_short.wanted_cells("BreakoutNoFrameskip-v4")
+    assert [(c.script, c.seed) for c in cells] == [("dqn_atari.py", 1), ("dqn_atari.py", 2), ("dqn_atari.py", 3),
+                                                   ("dqn_atari_dueling_per.py", 1), ("dqn_atari_dueling_per.py", 2)]
+    assert all(c.run_name.endswith("__atari_short_breakout") for c in cells)
+    # 100 steps/s while training; the 998 s pause (a resumption) is left out
+    assert atari_short.steady_sps([(0, 0.0), (100, 1.0), (200, 2.0), (300, 1000.0), (400, 1001.0)]) == 100.0
+
+
+def test_atari_short_skips_recorded_cells_reports_and_refuses_another_protocol(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(atari_short, "RESULTS_DIR", tmp_path)
+    runs = [{"script": c.script, "env_id": c.env_id, "seed": c.seed, "final_eval_return": 10.0 + c.seed,
+             "eval": [[50_000, 1.0], [100_000, 10.0 + c.seed]]} for c in atari_short.wanted_cells(
+                 "BreakoutNoFrameskip-v4")]
+    runs.append({"script": "stable-baselines3 2.9.2 DQN", "env_id": "BreakoutNoFrameskip-v4", "seed": 1,
+                 "final_eval_return": 8.0, "eval": [[50_000, 2.0], [100_000, 8.0]]})
+    out = tmp_path / "atari_short.json"
+    record = {"protocol": {"flags": list(atari_short.PROTOCOL)}, "random": {"BreakoutNoFrameskip-v4": {"mean": 2.0}},
+              "runs": runs}
+    out.write_text(json.dumps(record))
+    assert atari_short.main(atari_short.Args(dry_run=True, out=out)) == 0
+    assert "to run: nothing" in capsys.readouterr().out
+    assert atari_short.main(atari_short.Args(record_only=True, out=out)) == 0  # nothing to record: table and plot
+    table = (tmp_path / "atari_short.md").read_text()
+    row = next(line for line in table.splitlines() if "| dqn_atari.py " in line)
+    # seeds, final mean +- std, per seed, random, mean / random, worst seed / random, the bar
+    assert [c.strip() for c in row.strip("|").split("|")][2:] == ["1 2 3", "12.0 +- 0.8", "11.0, 12.0, 13.0", "2.00",
+                                                                   "6.0x", "5.5x", "5x"]
+    assert (tmp_path / "atari_short_Breakout.png").stat().st_size > 0
+    out.write_text(json.dumps({**record, "protocol": {"flags": ["--total-timesteps", "1"]}}))
+    assert atari_short.main(atari_short.Args(out=out)) == 2
+    assert "other protocol flags" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -502,8 +502,10 @@ def save_checkpoint(path: str, state: dict) -> None:
         os.close(dir_fd)
 
 
-def load_checkpoint(path: str, env_id: str, n_actions: int) -> dict:
-    """Loads with weights_only=True (no code runs from the file) and fails clearly on a wrong or broken file."""
+def load_checkpoint(path: str, env_id: str, n_actions: int, bare_ok: bool = False) -> dict:
+    """Loads with weights_only=True (no code runs from the file) and fails clearly on a wrong or broken file.
+    bare_ok (--play): a bare q_network.state_dict() is a model too, as CleanRL saves (.cleanrl_model) and publishes
+    (q_network.pth) them; its action count is read from its last layer."""
     if not os.path.isfile(path):
         fail(f"{path!r} does not exist")
     try:
@@ -511,6 +513,14 @@ def load_checkpoint(path: str, env_id: str, n_actions: int) -> dict:
     except Exception as e:
         fail(f"cannot load {path!r}: corrupt, not a checkpoint, or holding more than weights, which weights_only "
              f"loading refuses ({type(e).__name__})")
+    weights = [v for k, v in state.items() if k.endswith(".weight")] if isinstance(state, dict) else []
+    if weights and all(isinstance(v, torch.Tensor) for v in state.values()):
+        if not bare_ok:
+            fail(f"{path!r} is a saved model, not a checkpoint; use --play to evaluate it")
+        if weights[-1].shape[0] != n_actions:
+            fail(f"{path!r} holds a network with {weights[-1].shape[0]} actions, but {env_id} has {n_actions}; "
+                 "pass the --env-id it was trained on")
+        return {"env_id": env_id, "n_actions": n_actions, "model": state}
     if not isinstance(state, dict) or "model" not in state or "env_id" not in state:
         fail(f"{path!r} is not a model or checkpoint written by {os.path.basename(__file__)}")
     if state["env_id"] != env_id or state["n_actions"] != n_actions:
@@ -608,7 +618,7 @@ def main(args: Args) -> None:
     memory_format = torch.channels_last if args.channels_last else torch.preserve_format
 
     if args.play:
-        state = load_checkpoint(args.play, args.env_id, n_actions)
+        state = load_checkpoint(args.play, args.env_id, n_actions, bare_ok=True)
         q_network = QNetwork(n_actions).to(device, memory_format=memory_format)
         load_weights(q_network, state["model"], args.play)
         video_path = None
@@ -826,9 +836,9 @@ def main(args: Args) -> None:
     if is_tty:
         print(file=sys.stderr)
     save_checkpoint(checkpoint_path, training_state())
-    if args.save_model:
+    if args.save_model:  # as CleanRL writes it: a bare q_network.state_dict(), which its QNetwork and dqn_eval load
         model_path = os.path.join(run_dir, f"{args.exp_name}.cleanrl_model")
-        save_model(model_path)
+        save_checkpoint(model_path, q_network.state_dict())
         print(f"model saved to {model_path}")
     writer.close()
     print(f"finished {run_name}: {global_step} steps, {n_updates} gradient updates, {n_target_syncs} target syncs "

@@ -75,6 +75,14 @@ def saved_model(tmp_path, script):
     return path
 
 
+def bare_model(tmp_path, script):
+    """A bare q_network.state_dict(), as --save-model and CleanRL write models."""
+    path = tmp_path / "bare.cleanrl_model"
+    module = load_script(script)
+    torch.save((module.QNetwork(4, 2, (8,)) if script == "dqn_cartpole" else module.QNetwork(4)).state_dict(), path)
+    return path
+
+
 COMMON_BAD = [
     (["--buffer-size", "16", "--batch-size", "32"], "--buffer-size (16) must be >= --batch-size (32)"),
     (["--buffer-size", "0"], "--buffer-size must be positive"),
@@ -108,6 +116,7 @@ COMMON_BAD = [
     (["--play", other_game_checkpoint], "was trained on"),
     (["--resume", foreign_network_checkpoint], "holds another network"),
     (["--resume", saved_model], "is a saved model, not a checkpoint"),
+    (["--resume", bare_model], "is a saved model, not a checkpoint"),
 ]
 SCRIPT_BAD = {
     "dqn_cartpole": [

@@ -197,8 +197,10 @@ class Games:
     `terminated` at every life loss too, and when a life loss falls on the step that reaches the frame cap it reports
     only `terminated` (lives > 0), yet resets. So a life is lost when the lives went down and are still > 0 before the
     cap; any other termination, a truncation or the cap reached is a game over (games whose lives never change, e.g.
-    Adventure, end at their first termination). ale-py presses FIRE only at reset; CleanRL's FireResetEnv serves after
-    every lost life too, so the step after a life loss plays FIRE in games whose action set has it.
+    Adventure, end at their first termination). A game over that this rule cannot tell from a life loss (lives down
+    but above 0 on the step a game ends) is caught at its reset step, where the frame counter goes back. ale-py
+    presses FIRE only at reset; CleanRL's FireResetEnv serves after every lost life too, so the step after a life
+    loss plays FIRE in games whose action set has it.
     """
 
     def __init__(self, envs: AtariVectorEnv, infos: dict, max_frames: int):
@@ -206,8 +208,12 @@ class Games:
         self.fire = action_set.index(ale_py.Action.FIRE) if ale_py.Action.FIRE in action_set else None
         self.max_frames = max_frames
         self.lives = infos["lives"].copy()
-        self.start = infos["episode_frame_number"].copy()  # the frame cap counts from the frame a game starts at
+        self.frames = infos["episode_frame_number"].copy()
+        self.start = self.frames.copy()  # the frame cap counts from the frame a game starts at (after its no-ops)
         self.reset_next = np.zeros(len(self.lives), dtype=bool)  # the next step is a reset step (a game ended)
+        self.reset_step = np.zeros(len(self.lives), dtype=bool)  # the last step was a reset step: not a transition
+        self.missed = np.zeros(len(self.lives), dtype=bool)  # ... whose game over the last step did not report
+        self.length = np.zeros(len(self.lives), dtype=np.int64)  # frames played in the game, counted as the cap is
         self.serve = np.zeros(len(self.lives), dtype=bool)  # the next step is the first after a life loss
 
     def act(self, actions: np.ndarray) -> np.ndarray:
@@ -215,14 +221,19 @@ class Games:
         return actions if self.fire is None else np.where(self.serve, self.fire, actions)
 
     def step(self, terminations: np.ndarray, truncations: np.ndarray, infos: dict) -> np.ndarray:
-        """Takes a step's flags; returns where a game ended on it (its env's next step is the reset step)."""
-        reset_step, lives, frames = self.reset_next, infos["lives"], infos["episode_frame_number"]
-        self.start = np.where(reset_step, frames, self.start)  # a reset step's obs is the new game's first
+        """Takes a step's flags; returns where a game ended on it (its env's next step is the reset step). Then
+        `reset_step` marks the reset steps, `missed` those that ended a game the last step did not report, and
+        `length` the frames of the game that ended (with game_over or missed)."""
+        lives, frames = infos["lives"], infos["episode_frame_number"]
+        self.reset_step = self.reset_next | (frames < self.frames)  # reset() restarts the frame counter
+        self.missed = self.reset_step & ~self.reset_next
+        self.length = np.where(self.missed, self.frames - self.start, frames - self.start)
+        self.start = np.where(self.reset_step, frames, self.start)  # a reset step's obs is the new game's first
         capped = frames - self.start >= self.max_frames
         life_lost = (lives < self.lives) & (lives > 0) & ~capped
-        game_over = ~reset_step & (truncations | (terminations & ~life_lost) | capped)
-        self.serve = ~reset_step & life_lost
-        self.lives, self.reset_next = lives.copy(), game_over
+        game_over = ~self.reset_step & (truncations | (terminations & ~life_lost) | capped)
+        self.serve = ~self.reset_step & life_lost
+        self.lives, self.frames, self.reset_next = lives.copy(), frames.copy(), game_over
         return game_over
 
 
@@ -267,6 +278,11 @@ def compute_td_target(q_network: nn.Module, target_network: nn.Module, rewards: 
         best_actions = q_network(next_observations).argmax(dim=1, keepdim=True)  # (B, 1)
         target_values = target_network(next_observations).gather(1, best_actions).squeeze(1)  # (B,)
         return rewards.sign() + gamma * target_values * (1 - dones)
+
+
+def make_optimizer(q_network: nn.Module, args: Args) -> torch.optim.Optimizer:
+    """Adam (CleanRL's choice over the papers' RMSProp), fused: one kernel for all parameters."""
+    return torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=True)
 
 
 def update_target(target_network: nn.Module, q_network: nn.Module, tau: float) -> None:
@@ -412,7 +428,7 @@ class ReplayBuffer:
         host storage without blocking the host, which waits for them only when the tree is next used."""
         priorities = (td_errors.detach().abs().double() + self.eps) ** self.alpha  # (B,) on the learner's device
         event = None
-        if priorities.device != self.storage:  # GPU learner, host tree: a non-blocking copy into pinned memory
+        if priorities.device.type != self.storage.type:  # GPU learner, host tree: a non-blocking copy to pinned memory
             priorities = priorities.to("cpu", non_blocking=True)
             event = torch.cuda.Event()
             event.record()
@@ -424,6 +440,9 @@ class ReplayBuffer:
         indices, priorities, event = self.pending
         if event is not None:
             event.synchronize()  # sync point: waits for the update that computed them, if still running
+        # a non-finite TD error (the run stops on it at the next check) keeps the slot's old priority, so the tree and
+        # the checkpoint of the last good state stay finite
+        priorities = torch.where(torch.isfinite(priorities), priorities, self.tree.leaves(indices))
         self.tree.set(indices, priorities)
         self.max_priority = torch.maximum(self.max_priority, priorities.max())
         self.pending = None
@@ -434,7 +453,7 @@ class ReplayBuffer:
         window = (pos[:, None] + torch.arange(-STACK, 1, device=self.storage)) % self.per_env  # (B, 5): p-4 .. p
         frames = self.frames[env[:, None], window]  # (B, 5, 84, 84) uint8
         rows = self.rows[env[:, None], window]  # (B, 5, 4)
-        if self.storage != self.device:  # host storage -> GPU: the batch is pinned so the copy does not block the host
+        if self.storage.type != self.device.type:  # host storage -> GPU: pinned, so the copy does not block the host
             frames = frames.pin_memory().to(self.device, non_blocking=True)
             rows = rows.pin_memory().to(self.device, non_blocking=True)
         # frame m of the window is from an earlier game iff a later frame in the window (up to p) is a game's first
@@ -585,8 +604,8 @@ def evaluate(q_network: nn.Module, game: str, sticky: float, max_frames: int, ep
             frames.append(video_obs[0, 0])
             in_step &= bool(video_rewards[0] == rewards[0])
         returns += rewards * ~finished  # an env that already finished has autoreset: ignore its new game
-        game_over = games.step(terminations, truncations, infos) & ~finished
-        lengths[game_over] = infos["episode_frame_number"][game_over]
+        game_over = (games.step(terminations, truncations, infos) | games.missed) & ~finished
+        lengths[game_over] = games.length[game_over]
         finished |= game_over
     envs.close()
     if video_env:
@@ -643,7 +662,7 @@ def main(args: Args) -> None:
 
     # ALGO LOGIC: initialize agent here:
     q_network = QNetwork(n_actions).to(device, memory_format=memory_format)
-    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, fused=True, eps=args.adam_eps)
+    optimizer = make_optimizer(q_network, args)
     target_network = QNetwork(n_actions).to(device, memory_format=memory_format)
     target_network.load_state_dict(q_network.state_dict())
     rng = np.random.default_rng(args.seed)  # exploration; its state is checkpointed
@@ -782,11 +801,11 @@ def main(args: Args) -> None:
                 n_target_syncs += 1
 
         next_obs, rewards, terminations, truncations, infos = envs.recv()
-        real = ~games.reset_next  # a reset step (action ignored, reward 0, obs = the new game's first): no transition
         game_over = games.step(terminations, truncations, infos)  # terminated alone may be a life loss
+        real = ~games.reset_step  # a reset step (action ignored, reward 0, obs = the new game's first): no transition
         episode_returns[real] += rewards[real]
         episode_lengths[real] += 1
-        for i in np.flatnonzero(real & game_over):
+        for i in np.flatnonzero((real & game_over) | games.missed):  # missed: the last game's total, seen at its reset
             recent_returns = (recent_returns + [float(episode_returns[i])])[-10:]
             writer.add_scalar("charts/episodic_return", episode_returns[i], global_step)
             writer.add_scalar("charts/episodic_length", episode_lengths[i], global_step)

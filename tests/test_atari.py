@@ -306,6 +306,26 @@ def test_game_end_and_serve_follow_ale_pys_rules(dqn):
     assert no_fire.fire is None and no_fire.act(np.full(5, 2)).tolist() == [2] * 5
 
 
+def test_a_game_over_the_rule_cannot_see_is_caught_at_its_reset_step(dqn):
+    """Lives down but still above 0 on the step a game ends (no ROM is known to do it; ale-py's flags allow it): the
+    rule takes it for a life loss, and ale-py resets on the next step, whose frame counter restarts."""
+    import ale_py
+
+    A = ale_py.Action
+    games = dqn.Games(FakeVectorEnv([A.NOOP, A.FIRE]), {"lives": np.array([3, 3]), "episode_frame_number":
+                                                      np.array([16, 16])}, max_frames=10_000)
+    step = {"lives": np.array([2, 3]), "episode_frame_number": np.array([200, 200])}
+    assert not games.step(np.array([True, False]), np.zeros(2, bool), step).any()  # looks like a lost life
+    assert not games.reset_step.any() and not games.missed.any()
+    reset = {"lives": np.array([3, 3]), "episode_frame_number": np.array([20, 204])}  # env 0 was reset
+    assert not games.step(np.zeros(2, bool), np.zeros(2, bool), reset).any()
+    assert games.reset_step.tolist() == [True, False] and games.missed.tolist() == [True, False]
+    assert games.length[0] == 200 - 16  # the game that ended, counted as the cap counts
+    assert games.act(np.zeros(2, dtype=np.int64)).tolist() == [0, 0]  # no serve at the start of the new game
+    step = {"lives": np.array([3, 3]), "episode_frame_number": np.array([24, 208])}
+    assert not games.step(np.zeros(2, bool), np.zeros(2, bool), step).any() and not games.reset_step.any()
+
+
 def test_a_life_loss_on_the_capped_step_ends_the_game(dqn, tmp_path, monkeypatch):
     """The frame cap chosen so that it falls on the step of env 0's first lost life (found with a first, uncapped
     run of the same deterministic NOOP policy): ale-py reports terminated only, with lives > 0, and resets."""

@@ -187,7 +187,7 @@ def test_priorities_follow_their_slots_through_every_wrap(storage, device):
             pending = None
             continue
         batch = rb.sample(16, beta=0.5)
-        assert batch.indices.device == torch.device(storage) and batch.weights.device.type == device
+        assert batch.indices.device.type == storage and batch.weights.device.type == device
         idx = batch.indices.cpu().numpy()
         assert (expected.reshape(-1)[idx] > 0).all()  # only sampleable slots are drawn
         np.testing.assert_array_equal(batch.rewards.cpu().numpy(), tags.reshape(-1)[idx])  # the slot's contents
@@ -226,7 +226,7 @@ def test_adam_steps_follow_the_gradients_not_its_epsilon(name):
         rb.update_priorities(torch.arange(1, n + 1), torch.logspace(-6, 0, n, dtype=torch.float64))
     q_network = script.QNetwork(n_actions=4)
     target_network = copy.deepcopy(q_network)
-    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=getattr(args, "adam_eps", 1e-8))
+    optimizer = script.make_optimizer(q_network, args)  # as main() builds it
     for _ in range(50):
         if prioritized:
             script.train_step(q_network, target_network, optimizer, rb, rb.sample(32, beta=1.0), args.gamma,
@@ -240,3 +240,15 @@ def test_adam_steps_follow_the_gradients_not_its_epsilon(name):
         rms = (state["exp_avg_sq"] / (1 - 0.999 ** state["step"])).sqrt()
         shares.append((rms / (rms + eps)).flatten())
     assert torch.cat(shares).median() > 0.5
+
+
+def test_a_non_finite_td_error_keeps_the_slots_old_priority():
+    """The run stops at the next check of its losses and saves its last good state: the tree saved with it must stay
+    finite (a NaN leaf would make every later draw, and the resumed run, sample garbage)."""
+    rb = make_buffer([0.5, 2.0, 1.0])
+    before = rb.tree.leaves(torch.arange(1, 4)).clone()
+    rb.update_priorities(torch.tensor([1, 2, 3]), torch.tensor([float("nan"), float("inf"), 3.0]))
+    rb.apply_pending_priorities()
+    leaves = rb.tree.leaves(torch.arange(1, 4))
+    assert leaves[:2].tolist() == before[:2].tolist() and leaves[2].item() == pytest.approx((3.0 + 1e-6) ** 0.6)
+    assert torch.isfinite(rb.tree.sums).all() and torch.isfinite(rb.max_priority)

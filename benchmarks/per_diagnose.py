@@ -1,0 +1,64 @@
+"""Two numbers behind issue #13 (dqn_atari_dueling_per.py learning slowly), read from a run's checkpoint.pt (written
+with --checkpoint-buffer): the scale of the importance-sampling weights of the batches the learner sees, and where
+Adam's per-element denominator sqrt(v_hat) + eps stands against eps (eps-dominated elements take steps of about
+lr * g / eps instead of lr * m / sqrt(v_hat)).
+
+    python -m benchmarks.per_diagnose benchmarks/results/grids/atari_short_breakout/runs/RUN/checkpoint.pt
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import tyro
+
+from benchmarks.common import load_script
+
+PER_SCRIPT = "dqn_atari_dueling_per.py"
+
+
+def diagnose(path: Path, batches: int = 200) -> dict:
+    mod = load_script(PER_SCRIPT)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    args = mod.Args(**{k: v for k, v in state["args"].items() if k in mod.Args.__dataclass_fields__})
+    if state["replay_buffer"] is None:
+        raise SystemExit(f"{path} holds no replay buffer: write it with --checkpoint-buffer")
+    rb = mod.ReplayBuffer(args.buffer_size, args.num_envs, torch.device("cpu"), torch.device("cpu"),
+                          args.prioritized_replay_alpha, args.prioritized_replay_eps)
+    rb.load_state_dict(state["replay_buffer"])
+    step = state["global_step"]
+    beta = mod.linear_schedule(args.prioritized_replay_beta0, 1.0, args.total_timesteps, step)
+    torch.manual_seed(0)
+    weights = []
+    for _ in range(batches):  # the weights only: the same arithmetic as ReplayBuffer.sample
+        indices = rb.tree.sample(args.batch_size)
+        weights.append((rb.tree.leaves(indices) / rb.tree.mins[1]) ** -beta)
+    weights = torch.cat(weights).numpy()
+    eps = state["optimizer"]["param_groups"][0]["eps"]
+    rms = []
+    for s in state["optimizer"]["state"].values():
+        rms.append((s["exp_avg_sq"] / (1 - 0.999 ** float(s["step"]))).sqrt().flatten())
+    rms = torch.cat(rms).numpy()
+    return {"checkpoint": str(path), "global_step": step, "beta": beta, "adam_eps": eps,
+            "is_weight": {"mean": float(weights.mean()), "median": float(np.median(weights)),
+                          "min": float(weights.min()), "p_min": float(rb.tree.mins[1])},
+            "adam_sqrt_v_hat": {"median": float(np.median(rms)), "p90": float(np.percentile(rms, 90)),
+                                "share_below_eps": float((rms < eps).mean()),
+                                "median_step_share": float(np.median(rms / (rms + eps)))}}
+
+
+def main(checkpoints: tyro.conf.Positional[tuple[Path, ...]]) -> None:
+    """Prints one line per checkpoint."""
+    for path in checkpoints:
+        d = diagnose(path)
+        w, a = d["is_weight"], d["adam_sqrt_v_hat"]
+        print(f"{path}: step {d['global_step']:,}, beta {d['beta']:.2f}: IS weight mean {w['mean']:.3f}, median "
+              f"{w['median']:.3f}, min {w['min']:.4f} (p_min {w['p_min']:.2e}); Adam eps {d['adam_eps']:g}: "
+              f"sqrt(v_hat) median {a['median']:.2e}, p90 {a['p90']:.2e}, {100 * a['share_below_eps']:.1f}% of "
+              f"elements below eps, median step share sqrt(v)/(sqrt(v)+eps) {a['median_step_share']:.3f}")
+
+
+if __name__ == "__main__":
+    tyro.cli(main)

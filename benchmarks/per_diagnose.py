@@ -45,6 +45,7 @@ def diagnose(path: Path, batches: int = 200) -> dict:
             "is_weight": {"mean": float(weights.mean()), "median": float(np.median(weights)),
                           "min": float(weights.min()), "p_min": float(rb.tree.mins[1])},
             "adam_sqrt_v_hat": {"median": float(np.median(rms)), "p90": float(np.percentile(rms, 90)),
+                                "p99": float(np.percentile(rms, 99)),
                                 "share_below_eps": float((rms < eps).mean()),
                                 "median_step_share": float(np.median(rms / (rms + eps)))}}
 
@@ -56,7 +57,8 @@ def main(checkpoints: tyro.conf.Positional[tuple[Path, ...]]) -> None:
         w, a = d["is_weight"], d["adam_sqrt_v_hat"]
         print(f"{path}: step {d['global_step']:,}, beta {d['beta']:.2f}: IS weight mean {w['mean']:.3f}, median "
               f"{w['median']:.3f}, min {w['min']:.4f} (p_min {w['p_min']:.2e}); Adam eps {d['adam_eps']:g}: "
-              f"sqrt(v_hat) median {a['median']:.2e}, p90 {a['p90']:.2e}, {100 * a['share_below_eps']:.1f}% of "
+              f"sqrt(v_hat) median {a['median']:.2e}, p90 {a['p90']:.2e}, p99 {a['p99']:.2e}, "
+              f"{100 * a['share_below_eps']:.1f}% of "
               f"elements below eps, median step share sqrt(v)/(sqrt(v)+eps) {a['median_step_share']:.3f}")
 
 

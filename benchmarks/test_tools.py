@@ -378,3 +378,18 @@ def test_update_cost_harness_takes_updates(script):
 
     result = measure_update_cost(script, capacity=64, warmup=1, iters=2, blocks=2)
     assert result["iters"] == 2 and result["seconds_per_update"] > 0 and result["n_actions"] == 4
+
+
+def test_per_diagnose_reads_a_checkpoint(tmp_path):
+    import subprocess
+
+    from benchmarks.per_diagnose import diagnose
+
+    subprocess.run([sys.executable, str(common.script_path("dqn_atari_dueling_per.py")), "--learning-starts", "10",
+                    "--total-timesteps", "40", "--buffer-size", "64", "--batch-size", "4", "--eval-episodes", "1",
+                    "--max-episode-frames", "400", "--checkpoint-buffer", "--run-name", "d", "--no-cuda"],
+                   cwd=tmp_path, check=True, capture_output=True)
+    d = diagnose(tmp_path / "runs/d/checkpoint.pt", batches=5)
+    assert d["global_step"] == 40 and d["beta"] == 1.0 and d["adam_eps"] == 1e-8  # beta reaches 1 at the end
+    assert 0 < d["is_weight"]["min"] <= d["is_weight"]["mean"] <= 1
+    assert 0 <= d["adam_sqrt_v_hat"]["share_below_eps"] <= 1 and d["adam_sqrt_v_hat"]["p99"] > 0

@@ -35,7 +35,7 @@ from benchmarks.common import (RESULTS_DIR, describe_machine, format_table, in_f
                                read_scalars, sps_from_points, write_json)
 from benchmarks.grid import (GRID_ROOT, Action, Cell, GridPaths, GridSpec, Runner, expand_grid, load_or_create_spec,
                              read_state, run_cells)
-from benchmarks.plot import EVAL_TAG, game_of
+from benchmarks.plot import EVAL_TAG, game_of, save_figure, style_axes
 
 PROTOCOL = ("--total-timesteps", "200000", "--learning-starts", "20000", "--buffer-size", "100000",
             "--exploration-fraction", "0.5", "--target-network-frequency", "1000", "--train-frequency", "4",
@@ -185,16 +185,9 @@ def plot(data: dict[str, Any], env_id: str) -> Path:
         ax.plot(steps, mean, color=f"C{i}", linewidth=2.2, marker="o", label=f"{script} ({len(mine)} seeds)")
     if env_id in data["random"]:
         ax.axhline(data["random"][env_id]["mean"], color="gray", linestyle="--", linewidth=1, label="random policy")
-    ax.set_xlabel("env steps", fontsize=8)
     ax.set_ylabel("evaluation return (10 games, eps 0.05)", fontsize=8)
-    ax.set_title(f"{env_id}: short protocol (200k steps), each seed thin, mean bold", fontsize=9)
-    ax.tick_params(labelsize=7)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = RESULTS_DIR / f"atari_short_{game_of(env_id)}.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    style_axes(ax, f"{env_id}: short protocol (200k steps), each seed thin, mean bold")
+    return save_figure(fig, RESULTS_DIR / f"atari_short_{game_of(env_id)}.png")
 
 
 @dataclass

@@ -218,15 +218,25 @@ def plot_env(env_id: str, groups: dict[str, list[RunData]], spread: Spread, smoo
                 ax.axhline(score, linestyle="--", linewidth=0.8, color="gray")
                 ax.annotate(column, (0, score), xycoords=("axes fraction", "data"), fontsize=6, color="gray",
                             va="bottom")
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("env steps", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.legend(fontsize=7)
+        style_axes(ax, title)
     band = "mean +- std over seeds" if spread == "std" else "mean, min/max over seeds"
     fig.suptitle(f"{env_id} ({band}" + (f"; training returns: moving mean of {smooth} episodes)" if smooth > 1
                                         else ")"), fontsize=9)
+    return save_figure(fig, out / f"{env_slug(env_id)}.png")
+
+
+def style_axes(ax: Any, title: str) -> None:
+    """The small type of our result plots: title, 'env steps' on x, the legend."""
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("env steps", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=7)
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    path = out / f"{env_slug(env_id)}.png"
     fig.savefig(path)
     plt.close(fig)
     return path

@@ -207,6 +207,7 @@ class Games:
         self.reset_next = np.zeros(len(self.lives), dtype=bool)  # the next step is a reset step (a game ended)
         self.reset_step = np.zeros(len(self.lives), dtype=bool)  # the last step was a reset step: not a transition
         self.missed = np.zeros(len(self.lives), dtype=bool)  # ... whose game over the last step did not report
+        self.ended = np.zeros(len(self.lives), dtype=bool)  # a game's score is complete: game over or missed
         self.length = np.zeros(len(self.lives), dtype=np.int64)  # frames played in the game, counted as the cap is
         self.serve = np.zeros(len(self.lives), dtype=bool)  # the next step is the first after a life loss
 
@@ -216,8 +217,8 @@ class Games:
 
     def step(self, terminations: np.ndarray, truncations: np.ndarray, infos: dict) -> np.ndarray:
         """Takes a step's flags; returns where a game ended on it (its env's next step is the reset step). Then
-        `reset_step` marks the reset steps, `missed` those that ended a game the last step did not report, and
-        `length` the frames of the game that ended (with game_over or missed)."""
+        `reset_step` marks the reset steps, `missed` those that ended a game the last step did not report, `ended`
+        where a game's score is complete (a game over now, or a missed one), and `length` that game's frames."""
         lives, frames = infos["lives"], infos["episode_frame_number"]
         self.reset_step = self.reset_next | (frames < self.frames)  # reset() restarts the frame counter
         self.missed = self.reset_step & ~self.reset_next
@@ -228,6 +229,7 @@ class Games:
         game_over = ~self.reset_step & (truncations | (terminations & ~life_lost) | capped)
         self.serve = ~self.reset_step & life_lost
         self.lives, self.frames, self.reset_next = lives.copy(), frames.copy(), game_over
+        self.ended = game_over | self.missed
         return game_over
 
 
@@ -508,9 +510,10 @@ def evaluate(q_network: nn.Module, game: str, sticky: float, max_frames: int, ep
             frames.append(video_obs[0, 0])
             in_step &= bool(video_rewards[0] == rewards[0])
         returns += rewards * ~finished  # an env that already finished has autoreset: ignore its new game
-        game_over = (games.step(terminations, truncations, infos) | games.missed) & ~finished
-        lengths[game_over] = games.length[game_over]
-        finished |= game_over
+        games.step(terminations, truncations, infos)
+        ended = games.ended & ~finished
+        lengths[ended] = games.length[ended]
+        finished |= ended
     envs.close()
     if video_env:
         video_env.close()
@@ -702,11 +705,11 @@ def main(args: Args) -> None:
                 n_target_syncs += 1
 
         next_obs, rewards, terminations, truncations, infos = envs.recv()
-        game_over = games.step(terminations, truncations, infos)  # terminated alone may be a life loss
+        games.step(terminations, truncations, infos)  # terminated alone may be a life loss
         real = ~games.reset_step  # a reset step (action ignored, reward 0, obs = the new game's first): no transition
         episode_returns[real] += rewards[real]
         episode_lengths[real] += 1
-        for i in np.flatnonzero((real & game_over) | games.missed):  # missed: the last game's total, seen at its reset
+        for i in np.flatnonzero(games.ended):  # a missed game over: the last game's total, seen at its reset step
             recent_returns = (recent_returns + [float(episode_returns[i])])[-10:]
             writer.add_scalar("charts/episodic_return", episode_returns[i], global_step)
             writer.add_scalar("charts/episodic_length", episode_lengths[i], global_step)

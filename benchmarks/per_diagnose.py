@@ -32,9 +32,8 @@ def diagnose(path: Path, batches: int = 200) -> dict:
     beta = mod.linear_schedule(args.prioritized_replay_beta0, 1.0, args.total_timesteps, step)
     torch.manual_seed(0)
     weights = []
-    for _ in range(batches):  # the weights only: the same arithmetic as ReplayBuffer.sample
-        indices = rb.tree.sample(args.batch_size)
-        weights.append((rb.tree.leaves(indices) / rb.tree.mins[1]) ** -beta)
+    for _ in range(batches):  # the batches the learner would see at this step
+        weights.append(rb.sample(args.batch_size, beta).weights)
     weights = torch.cat(weights).numpy()
     eps = state["optimizer"]["param_groups"][0]["eps"]
     rms = []

@@ -43,6 +43,8 @@ PROTOCOL = ("--total-timesteps", "200000", "--learning-starts", "20000", "--buff
             "--eval-epsilon", "0.05", "--no-cuda", "--checkpoint-frequency", "50000", "--checkpoint-buffer")
 PLAN: dict[str, dict[str, tuple[int, ...]]] = {  # env id -> script -> seeds
     "BreakoutNoFrameskip-v4": {"dqn_atari.py": (1, 2, 3), "dqn_atari_dueling_per.py": (1, 2)},
+    # the second game, chosen by a pilot (benchmarks/RESULTS.md section 10): dqn_atari.py seed 1 at 50k steps
+    "SeaquestNoFrameskip-v4": {"dqn_atari.py": (1, 2), "dqn_atari_dueling_per.py": (1, 2)},
 }
 SB3_CELLS = (("BreakoutNoFrameskip-v4", 1),)
 BARS = {"BreakoutNoFrameskip-v4": 5.0}  # every seed must end at least this many times the random policy's return

@@ -267,12 +267,12 @@ def test_atari_short_cells_and_steady_sps():
 def test_atari_short_skips_recorded_cells_reports_and_refuses_another_protocol(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(atari_short, "RESULTS_DIR", tmp_path)
     runs = [{"script": c.script, "env_id": c.env_id, "seed": c.seed, "final_eval_return": 10.0 + c.seed,
-             "eval": [[50_000, 1.0], [100_000, 10.0 + c.seed]]} for c in atari_short.wanted_cells(
-                 "BreakoutNoFrameskip-v4")]
+             "eval": [[50_000, 1.0], [100_000, 10.0 + c.seed]]}
+            for env_id in atari_short.PLAN for c in atari_short.wanted_cells(env_id)]
     runs.append({"script": "stable-baselines3 2.9.2 DQN", "env_id": "BreakoutNoFrameskip-v4", "seed": 1,
                  "final_eval_return": 8.0, "eval": [[50_000, 2.0], [100_000, 8.0]]})
     out = tmp_path / "atari_short.json"
-    record = {"protocol": {"flags": list(atari_short.PROTOCOL)}, "random": {"BreakoutNoFrameskip-v4": {"mean": 2.0}},
+    record = {"protocol": {"flags": list(atari_short.PROTOCOL)}, "random": {e: {"mean": 2.0} for e in atari_short.PLAN},
               "runs": runs}
     out.write_text(json.dumps(record))
     assert atari_short.main(atari_short.Args(dry_run=True, out=out)) == 0

@@ -23,6 +23,7 @@ the paper.
 import copy
 import difflib
 import glob
+import json
 import os
 import re
 import signal
@@ -114,7 +115,7 @@ class Args:
     eval_epsilon: float = 0.05
     """the epsilon of the evaluation policy (Mnih et al. 2015: 0.05)"""
     channels_last: bool = True
-    """keep conv weights channels-last (NHWC): ~1.3x faster updates on a 2-core CPU, same results up to rounding"""
+    """keep conv weights channels-last (NHWC), which CPU convolution kernels run faster; same results up to rounding"""
 
 
 STACK = 4  # frames per observation
@@ -122,40 +123,9 @@ FRAME_BYTES = 84 * 84  # one uint8 grayscale frame
 LOG_EVERY = 100  # gradient updates between loss/Q logs and non-finite checks (each is one CPU-GPU sync)
 HELD_OUT = 512  # transitions kept aside at learning start for DeepMind's average max-Q and TD-error curves
 CANDIDATES = 8  # uniform sampling draws this many slots per batch row and keeps the first that is a transition
+COLUMNS = ("action", "reward", "done", "first")  # the float32 row a replay slot stores beside its frame
+ACTION, REWARD, DONE, FIRST = range(len(COLUMNS))
 RUN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=+-]*")
-
-
-def fail(message: str) -> NoReturn:
-    """Bad input: one line on stderr and exit code 2, before anything is written."""
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
-
-def validate_args(args: Args) -> None:
-    positive = ["total_timesteps", "num_envs", "buffer_size", "batch_size", "train_frequency", "eval_episodes"]
-    positive += ["target_network_frequency", "max_episode_frames"]
-    for name in positive:
-        if getattr(args, name) <= 0:
-            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ["learning_starts", "eval_frequency", "checkpoint_frequency"]:
-        if getattr(args, name) < 0:
-            fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if not args.learning_rate > 0:
-        fail(f"--learning-rate must be positive, got {args.learning_rate}")
-    for name in ["exploration_fraction", "tau"]:
-        if not 0 < getattr(args, name) <= 1:
-            fail(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(args, name)}")
-    for name in ["gamma", "start_e", "end_e", "eval_epsilon"]:
-        if not 0 <= getattr(args, name) <= 1:
-            fail(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
-    if args.buffer_size < args.batch_size:
-        fail(f"--buffer-size ({args.buffer_size}) must be >= --batch-size ({args.batch_size})")
-    if args.learning_starts >= args.total_timesteps and not args.play:
-        fail(f"--learning-starts ({args.learning_starts}) must be < --total-timesteps ({args.total_timesteps})")
-    for name in ["exp_name", "run_name"]:
-        value = getattr(args, name)
-        if value is not None and (not RUN_NAME_RE.fullmatch(value) or ".." in value):
-            fail(f"--{name.replace('_', '-')} {value!r} must be a plain name (letters, digits, . _ = + -)")
 
 
 def atari_game(env_id: str) -> tuple[str, float]:
@@ -240,8 +210,9 @@ def linear_schedule(start_e: float, end_e: float, duration: int, t: int) -> floa
     return start_e + (end_e - start_e) * t / duration
 
 
-def crossed(global_step: int, num_envs: int, frequency: int) -> bool:
-    """Whether the last vector step (num_envs env steps) passed a multiple of `frequency` (0: never)."""
+def passed_multiple(frequency: int, global_step: int, num_envs: int) -> bool:
+    """Whether the last vector step (num_envs env steps, ending at global_step) passed a multiple of `frequency`
+    (0: never): periodic work keeps its schedule whatever num_envs is."""
     return frequency > 0 and global_step // frequency > (global_step - num_envs) // frequency
 
 
@@ -270,6 +241,15 @@ def compute_td_target(target_network: nn.Module, rewards: torch.Tensor, next_obs
         return rewards.sign() + gamma * target_max * (1 - dones)
 
 
+def td_terms(q_network: nn.Module, target_network: nn.Module, data: "Batch",
+             gamma: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The one TD computation, for learning and for the held-out curves: the TD target y (B,), Q(s, .) (B, A) and
+    Q(s, a) (B,) of the actions taken."""
+    td_target = compute_td_target(target_network, data.rewards, data.next_observations, data.dones, gamma)
+    q_values = q_network(data.observations)  # (B, n_actions)
+    return td_target, q_values, q_values.gather(1, data.actions[:, None]).squeeze(1)
+
+
 def make_optimizer(q_network: nn.Module, args: Args) -> torch.optim.Optimizer:
     """Adam (CleanRL's choice over the papers' RMSProp), fused: one kernel for all parameters."""
     return torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, fused=True)
@@ -285,13 +265,12 @@ def update_target(target_network: nn.Module, q_network: nn.Module, tau: float) -
 def train_step(q_network: nn.Module, target_network: nn.Module, optimizer: torch.optim.Optimizer, data: "Batch",
                gamma: float) -> torch.Tensor:
     """One gradient step on a batch; returns (td_loss, mean Q) as a (2,) tensor on the device, without a host sync."""
-    td_target = compute_td_target(target_network, data.rewards, data.next_observations, data.dones, gamma)
-    old_val = q_network(data.observations).gather(1, data.actions[:, None]).squeeze(1)  # Q(s, a), (B,)
-    loss = F.mse_loss(td_target, old_val)
+    td_target, _, q_taken = td_terms(q_network, target_network, data, gamma)
+    loss = F.mse_loss(td_target, q_taken)  # (y - Q(s, a))^2: CleanRL's MSE, not the paper's clipped error
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
-    return torch.stack((loss.detach(), old_val.detach().mean()))
+    return torch.stack((loss.detach(), q_taken.detach().mean()))
 
 
 class Batch(NamedTuple):
@@ -306,9 +285,9 @@ class Batch(NamedTuple):
 class ReplayBuffer:
     """Frame-deduplicated replay: each env's stream stores every 84x84 frame once, stacks are rebuilt when sampling.
 
-    Slot (env, p) holds the newest frame of the obs the env returned at one step and the float32 row [action, reward,
-    done, first] of that step; `first` marks the first frame of a game (a reset step: it is not a transition). The
-    transition in slot p goes from the stack ending at p-1 to the stack ending at p; a frame older than a `first`
+    Slot (env, p) holds the newest frame of the obs the env returned at one step and the float32 row of that step,
+    columns ACTION, REWARD, DONE, FIRST; FIRST marks the first frame of a game (a reset step: it is not a transition).
+    The transition in slot p goes from the stack ending at p-1 to the stack ending at p; a frame older than a FIRST
     within the window belongs to the previous game and is zeroed, exactly as the env pads at reset.
     Memory: 84*84 + 4*4 = 7072 bytes per transition, 7.07 GB at 1M (stacked obs and next obs would take 56 KB).
     """
@@ -319,18 +298,18 @@ class ReplayBuffer:
         self.num_envs, self.storage, self.device = num_envs, storage, device
         # not pinned: the pinned allocator would round 7.07 GB up to about 8.6 GB, and gather() pins each batch anyway
         self.frames = torch.zeros((num_envs, self.per_env, 84, 84), dtype=torch.uint8, device=storage)
-        self.rows = torch.zeros((num_envs, self.per_env, 4), dtype=torch.float32, device=storage)
+        self.rows = torch.zeros((num_envs, self.per_env, len(COLUMNS)), dtype=torch.float32, device=storage)
         self.pos, self.count = 0, 0  # the next slot written, and how many slots per env hold data
         self.newest_transition = (0, 0)  # a slot known to hold a sampleable transition (host ints: no sync)
 
     @staticmethod
     def bytes_needed(capacity: int, num_envs: int) -> int:
-        return num_envs * max(-(-capacity // num_envs), STACK + 2) * (FRAME_BYTES + 4 * 4)
+        return num_envs * max(-(-capacity // num_envs), STACK + 2) * (FRAME_BYTES + 4 * len(COLUMNS))
 
     def add(self, frames: np.ndarray, actions: np.ndarray, rewards: np.ndarray, dones: np.ndarray,
             firsts: np.ndarray) -> None:
         """One slot per env: frames (N, 84, 84) uint8, the newest frame of each env's obs; the rest (N,)."""
-        rows = np.stack([actions, rewards, dones, firsts], axis=1).astype(np.float32)  # (N, 4)
+        rows = np.stack([actions, rewards, dones, firsts], axis=1).astype(np.float32)  # (N, 4): COLUMNS
         self.frames[:, self.pos] = torch.from_numpy(frames).to(self.storage, non_blocking=True)
         self.rows[:, self.pos] = torch.from_numpy(rows).to(self.storage, non_blocking=True)
         if not firsts.all():
@@ -348,7 +327,7 @@ class ReplayBuffer:
         env = torch.randint(self.num_envs, (batch_size, CANDIDATES), device=self.storage)
         age = torch.randint(lowest_age, self.count, (batch_size, CANDIDATES), device=self.storage)
         pos = (oldest + age) % self.per_env
-        ok = self.rows[env, pos, 3] == 0  # not the first frame of a game
+        ok = self.rows[env, pos, FIRST] == 0  # not the first frame of a game
         pick = ok.to(torch.uint8).argmax(dim=1, keepdim=True)  # index of the first valid candidate
         env, pos = env.gather(1, pick).squeeze(1), pos.gather(1, pick).squeeze(1)
         # all CANDIDATES invalid has probability (share of reset slots)^8; fall back to a known transition
@@ -367,11 +346,11 @@ class ReplayBuffer:
             frames = frames.pin_memory().to(self.device, non_blocking=True)
             rows = rows.pin_memory().to(self.device, non_blocking=True)
         # frame m of the window is from an earlier game iff a later frame in the window (up to p) is a game's first
-        later_first = rows[:, 1:, 3].flip(1).cummax(dim=1).values.flip(1)  # (B, 4): any first in m+1 .. p
+        later_first = rows[:, 1:, FIRST].flip(1).cummax(dim=1).values.flip(1)  # (B, 4): any first in m+1 .. p
         keep = torch.cat([later_first == 0, torch.ones_like(later_first[:, :1], dtype=torch.bool)], dim=1)
         frames = frames * keep[:, :, None, None]  # (B, 5, 84, 84), zero padding as at reset
         last = rows[:, -1]  # (B, 4): the transition's own action, reward, done
-        return Batch(frames[:, :STACK], last[:, 0].long(), last[:, 1], frames[:, 1:], last[:, 2],
+        return Batch(frames[:, :STACK], last[:, ACTION].long(), last[:, REWARD], frames[:, 1:], last[:, DONE],
                      indices)
 
     def state_dict(self) -> dict:
@@ -385,6 +364,249 @@ class ReplayBuffer:
         self.frames.copy_(state["frames"])
         self.rows.copy_(state["rows"])
         self.pos, self.count, self.newest_transition = state["pos"], state["count"], tuple(state["newest_transition"])
+
+
+def evaluate(q_network: nn.Module, game: str, sticky: float, max_frames: int, episodes: int, epsilon: float,
+             seed: int, device: torch.device, video_path: Optional[str] = None,
+             stop: Callable[[], bool] = lambda: False) -> tuple[np.ndarray, np.ndarray]:
+    """Plays `episodes` full games at once, one per env (so long games are not under-counted); returns their scores
+    and lengths in frames.
+
+    The video comes from a second, colour env that replays game 0 in lockstep: same seed, same actions.
+    `stop()` true ends the evaluation early (a signal arrived); the scores are then incomplete.
+    """
+    envs = make_env(game, episodes, sticky, max_frames, train=False)
+    video_env = make_env(game, 1, sticky, max_frames, train=False, rgb=True) if video_path else None
+    rng = np.random.default_rng(seed)
+    obs, infos = envs.reset(seed=seed)
+    games = Games(envs, infos, max_frames)
+    frames = [video_env.reset(seed=seed)[0][0, 0]] if video_env else []
+    returns, lengths, finished = np.zeros(episodes), np.zeros(episodes), np.zeros(episodes, dtype=bool)
+    video_in_sync = True
+    while not finished.all() and not stop():
+        with torch.inference_mode():
+            q_values = q_network(torch.from_numpy(obs).to(device))
+        actions = q_values.argmax(dim=1).cpu().numpy()  # sync point: the env needs host actions
+        actions = np.where(rng.random(episodes) < epsilon, rng.integers(envs.single_action_space.n, size=episodes),
+                           actions)
+        actions = games.act(actions)
+        obs, rewards, terminations, truncations, infos = envs.step(actions)
+        if video_env and not finished[0]:
+            video_obs, video_rewards, *_ = video_env.step(actions[:1])
+            frames.append(video_obs[0, 0])
+            video_in_sync &= bool(video_rewards[0] == rewards[0])
+        returns += rewards * ~finished  # an env that already finished has autoreset: ignore its new game
+        games.step(terminations, truncations, infos)
+        ended = games.ended & ~finished
+        lengths[ended] = games.length[ended]
+        finished |= ended
+    envs.close()
+    if video_env:
+        video_env.close()
+        write_video(video_path, frames)
+        if not video_in_sync:
+            print(f"warning: the video env left the evaluated game's trajectory; {video_path} may differ",
+                  file=sys.stderr)
+    return returns, lengths
+
+
+def held_out_stats(q_network: nn.Module, target_network: nn.Module, held_out: "Batch",
+                   gamma: float) -> tuple[float, float]:
+    """Mnih et al. 2015, Fig. 2: the average max Q over held-out states, and their mean |TD error|."""
+    with torch.inference_mode():
+        td_target, q_values, q_taken = td_terms(q_network, target_network, held_out, gamma)
+        return q_values.max(dim=1).values.mean().item(), (td_target - q_taken).abs().mean().item()  # sync point
+
+
+class RunState:
+    """Everything of a run that outlives a step and a checkpoint restores, except the replay: networks, optimizer,
+    the exploration RNG, counters, the held-out transitions and the best and last evaluation returns."""
+
+    def __init__(self, args: Args, n_actions: int, device: torch.device):
+        memory_format = torch.channels_last if args.channels_last else torch.preserve_format
+        self.q_network = QNetwork(n_actions).to(device, memory_format=memory_format)
+        self.optimizer = make_optimizer(self.q_network, args)
+        self.target_network = QNetwork(n_actions).to(device, memory_format=memory_format)
+        self.target_network.load_state_dict(self.q_network.state_dict())
+        self.rng = np.random.default_rng(args.seed)  # exploration
+        self.n_actions, self.device = n_actions, device
+        self.global_step, self.n_updates, self.n_target_syncs = 0, 0, 0
+        self.best_eval, self.last_eval = -float("inf"), None
+        self.held_out: Optional[Batch] = None  # DeepMind's held-out transitions, drawn when learning starts
+        self.learning_from = 0  # no update before this step (a resumed run with an empty buffer refills it first)
+
+    def learner_state(self) -> dict:
+        """The learner alone: what a non-finite loss rolls back to."""
+        return {"model": self.q_network.state_dict(), "target_model": self.target_network.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "global_step": self.global_step,
+                "n_updates": self.n_updates, "n_target_syncs": self.n_target_syncs}
+
+    def state_dict(self) -> dict:
+        return {**self.learner_state(), "best_eval": self.best_eval, "last_eval": self.last_eval,
+                "held_out": [t.cpu() for t in self.held_out] if self.held_out is not None else None,
+                "numpy_rng": self.rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None}
+
+    def load_state_dict(self, state: dict, path: str) -> None:
+        load_weights(self.q_network, state["model"], path)
+        load_weights(self.target_network, state["target_model"], path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.global_step, self.n_updates = state["global_step"], state["n_updates"]
+        self.n_target_syncs, self.best_eval, self.last_eval = state["n_target_syncs"], state["best_eval"], state.get(
+            "last_eval")  # absent from checkpoints written before summary.json existed
+        if state["held_out"] is not None:
+            self.held_out = Batch(*(t.to(self.device) for t in state["held_out"]))
+        self.rng.bit_generator.state = state["numpy_rng"]
+        torch.set_rng_state(state["torch_rng"])
+        if self.device.type == "cuda" and state["cuda_rng"] is not None:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+
+def main(args: Args) -> None:
+    validate_args(args)
+    game, sticky = atari_game(args.env_id)
+    n_actions = count_actions(game, sticky, args.max_episode_frames)
+    checkpoint = load_checkpoint(args.resume, args.env_id, n_actions) if args.resume else None
+    device = pick_device(args)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    if args.play:
+        return play(args, game, sticky, n_actions, device)
+    storage = replay_storage(args, device)
+    files = RunFiles(args, checkpoint)
+
+    # ALGO LOGIC: initialize agent here:
+    run = RunState(args, n_actions, device)
+    if checkpoint:
+        restore(run, checkpoint, args)
+    # the replay buffer comes last: its allocation is the slow part, after the checks above
+    rb = ReplayBuffer(args.buffer_size, args.num_envs, storage, device)
+    print(f"replay: {ReplayBuffer.bytes_needed(args.buffer_size, args.num_envs) / 1e9:.2f} GB on {storage}, "
+          f"learner on {device}")
+    if checkpoint and checkpoint["replay_buffer"] is not None:
+        rb.load_state_dict(checkpoint["replay_buffer"])
+    log = Log(args, files, run, resumed=checkpoint is not None)
+
+    with StopOnSignal() as stop:
+        envs = make_env(game, args.num_envs, sticky, args.max_episode_frames, train=True)
+        obs, infos = envs.reset(seed=args.seed + run.global_step)
+        games = Games(envs, infos, args.max_episode_frames)
+        # each env's stream starts with the first frame of its game: a slot that is not a transition
+        rb.add(obs[:, -1], *np.zeros((3, args.num_envs)), firsts=np.ones(args.num_envs, dtype=bool))
+        last_finite = copy.deepcopy(run.learner_state())  # the last learner state whose losses were all finite
+        while run.global_step < args.total_timesteps and not stop:
+            # ALGO LOGIC: epsilon-greedy action (Mnih et al. 2015, Alg. 1)
+            epsilon = linear_schedule(args.start_e, args.end_e, int(args.exploration_fraction * args.total_timesteps),
+                                      run.global_step)
+            explore = run.rng.random(args.num_envs) < epsilon
+            actions = run.rng.integers(n_actions, size=args.num_envs)
+            if not explore.all():
+                with torch.inference_mode():
+                    q_values = run.q_network(torch.from_numpy(obs).to(device))
+                actions = np.where(explore, actions, q_values.argmax(dim=1).cpu().numpy())  # sync point: host actions
+            actions = games.act(actions)  # FIRE after a life loss; the replay stores the action executed
+
+            # TRY NOT TO MODIFY: the envs step in ale-py's threads while the learner trains below; recv() waits
+            envs.send(actions)
+            run.global_step += args.num_envs
+
+            # ALGO LOGIC: training. Visit every env step this vector step covered, so that updates per env step stay
+            # 1/train_frequency and target syncs every target_network_frequency steps whatever num_envs is.
+            for step in range(run.global_step - args.num_envs + 1, run.global_step + 1):
+                if step <= args.learning_starts or step <= run.learning_from:
+                    continue
+                if run.held_out is None:  # DeepMind's held-out states, drawn once from the (random-policy) warm-up
+                    run.held_out = rb.sample(HELD_OUT)
+                if step % args.train_frequency == 0:
+                    data = rb.sample(args.batch_size)
+                    log.update(train_step(run.q_network, run.target_network, run.optimizer, data, args.gamma), step)
+                    run.n_updates += 1
+                    if run.n_updates % LOG_EVERY == 0:
+                        if not log.updates_finite(step, epsilon):  # sync point: once per LOG_EVERY updates
+                            stop_non_finite(run, rb, log, last_finite)
+                        last_finite = copy.deepcopy(run.learner_state())
+                if step % args.target_network_frequency == 0:
+                    update_target(run.target_network, run.q_network, args.tau)
+                    run.n_target_syncs += 1
+
+            next_obs, rewards, terminations, truncations, infos = envs.recv()
+            games.step(terminations, truncations, infos)  # terminated alone may be a life loss
+            # a reset step (action ignored, reward 0, obs = the new game's first) is not a transition
+            is_transition = ~games.reset_step
+            log.games(rewards, is_transition, games.ended)  # a missed game over ends its game at its reset step
+            # done = termination or life loss; a truncation bootstraps from its real final frame, stored in this slot
+            rb.add(next_obs[:, -1], actions, rewards, terminations, firsts=~is_transition)
+            obs = next_obs
+
+            if (passed_multiple(args.eval_frequency, run.global_step, args.num_envs)
+                    or run.global_step >= args.total_timesteps):
+                started = time.time()
+                returns, _ = evaluate(run.q_network, game, sticky, args.max_episode_frames, args.eval_episodes,
+                                      args.eval_epsilon, args.seed + 1_000_000 + run.global_step, device,
+                                      files.eval_video(run.global_step), stop=lambda: bool(stop))
+                if stop:  # a signal cut the evaluation short: stop without logging it
+                    break
+                held_out = (held_out_stats(run.q_network, run.target_network, run.held_out, args.gamma)
+                            if run.held_out is not None else None)
+                log.evaluation(returns, held_out, time.time() - started)
+            if passed_multiple(args.checkpoint_frequency, run.global_step, args.num_envs):
+                save_checkpoint(files.checkpoint, files.checkpoint_state(run, rb))
+            log.progress(epsilon)
+        envs.close()
+    log.finish(rb, stop.signum)
+
+
+# =====================================================================================================================
+# Plumbing: what keeps a run safe and observable, not the algorithm. Input checks, device and memory, run files and
+# checkpoints, video, logging and progress, summary.json, signals, --play.
+# =====================================================================================================================
+
+
+def fail(message: str) -> NoReturn:
+    """Bad input: one line on stderr and exit code 2, before anything is written."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def validate_args(args: Args) -> None:
+    positive = ["total_timesteps", "num_envs", "buffer_size", "batch_size", "train_frequency", "eval_episodes"]
+    positive += ["target_network_frequency", "max_episode_frames"]
+    for name in positive:
+        if getattr(args, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ["learning_starts", "eval_frequency", "checkpoint_frequency"]:
+        if getattr(args, name) < 0:
+            fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if not args.learning_rate > 0:
+        fail(f"--learning-rate must be positive, got {args.learning_rate}")
+    for name in ["exploration_fraction", "tau"]:
+        if not 0 < getattr(args, name) <= 1:
+            fail(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(args, name)}")
+    for name in ["gamma", "start_e", "end_e", "eval_epsilon"]:
+        if not 0 <= getattr(args, name) <= 1:
+            fail(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    if args.buffer_size < args.batch_size:
+        fail(f"--buffer-size ({args.buffer_size}) must be >= --batch-size ({args.batch_size})")
+    if args.learning_starts >= args.total_timesteps and not args.play:
+        fail(f"--learning-starts ({args.learning_starts}) must be < --total-timesteps ({args.total_timesteps})")
+    for name in ["exp_name", "run_name"]:
+        value = getattr(args, name)
+        if value is not None and (not RUN_NAME_RE.fullmatch(value) or ".." in value):
+            fail(f"--{name.replace('_', '-')} {value!r} must be a plain name (letters, digits, . _ = + -)")
+
+
+def count_actions(game: str, sticky: float, max_frames: int) -> int:
+    probe_env = make_env(game, 1, sticky, max_frames, train=True)
+    n_actions = int(probe_env.single_action_space.n)
+    probe_env.close()
+    return n_actions
+
+
+def pick_device(args: Args) -> torch.device:
+    if args.cuda and not torch.cuda.is_available():
+        print("warning: --cuda is on (the default) but CUDA is not available; running on the CPU "
+              "(--no-cuda silences this)", file=sys.stderr)
+    return torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
 
 def available_ram() -> int:
@@ -412,6 +634,52 @@ def replay_storage(args: Args, device: torch.device) -> torch.device:
          f"{where} is free; the largest buffer that fits is --buffer-size {largest}")
 
 
+class RunFiles:
+    """runs/{run_name}/: checkpoint.pt, best_model.pt, summary.json, TensorBoard events, videos/. Checked before
+    anything is allocated: a new run never overwrites another run's checkpoint."""
+
+    def __init__(self, args: Args, checkpoint: Optional[dict]):
+        self.args = args
+        self.run_name = (args.run_name or (checkpoint or {}).get("run_name")
+                         or f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}")
+        self.run_dir = os.path.join("runs", self.run_name)
+        self.checkpoint = os.path.join(self.run_dir, "checkpoint.pt")
+        if not checkpoint and os.path.exists(self.checkpoint):
+            fail(f"{self.run_dir} already holds a run; continue it with --resume {self.checkpoint} or pass another "
+                 "--run-name")
+        check_writable(self.run_dir)
+
+    def create(self) -> None:
+        os.makedirs(self.run_dir, exist_ok=True)
+        for stale in glob.glob(f"{self.checkpoint}.tmp*"):  # left by a process killed while writing a checkpoint
+            os.remove(stale)
+
+    def checkpoint_state(self, run: RunState, rb: ReplayBuffer) -> dict:
+        return {"env_id": self.args.env_id, "n_actions": run.n_actions, "run_name": self.run_name,
+                "args": asdict(self.args), **run.state_dict(),
+                "replay_buffer": rb.state_dict() if self.args.checkpoint_buffer else None}
+
+    def save_model(self, name: str, run: RunState) -> None:
+        save_checkpoint(os.path.join(self.run_dir, name), {
+            "env_id": self.args.env_id, "n_actions": run.n_actions, "model": run.q_network.state_dict(),
+            "global_step": run.global_step})
+
+    def eval_video(self, global_step: int) -> Optional[str]:
+        if not self.args.capture_video:
+            return None
+        os.makedirs(os.path.join(self.run_dir, "videos"), exist_ok=True)
+        return os.path.join(self.run_dir, "videos", f"eval_step{global_step}.mp4")
+
+
+def restore(run: RunState, checkpoint: dict, args: Args) -> None:
+    try:
+        run.load_state_dict(checkpoint, args.resume)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        fail(f"{args.resume!r} is not a complete checkpoint of this script ({type(e).__name__}: {e})")
+    if checkpoint["replay_buffer"] is None:  # no updates until the empty buffer holds learning_starts new steps
+        run.learning_from = run.global_step + args.learning_starts
+
+
 def save_checkpoint(path: str, state: dict) -> None:
     """Atomic write: a kill mid-write leaves the previous file intact (write a temp file, fsync, rename over)."""
     tmp = f"{path}.tmp{os.getpid()}"
@@ -427,10 +695,10 @@ def save_checkpoint(path: str, state: dict) -> None:
         os.close(dir_fd)
 
 
-def load_checkpoint(path: str, env_id: str, n_actions: int, bare_ok: bool = False) -> dict:
+def load_checkpoint(path: str, env_id: str, n_actions: int, play: bool = False) -> dict:
     """Loads with weights_only=True (no code runs from the file) and fails clearly on a wrong or broken file.
-    bare_ok (--play): a bare q_network.state_dict() is a model too, as CleanRL saves (.cleanrl_model) and publishes
-    (q_network.pth) them; its action count is read from its last layer."""
+    --resume needs a checkpoint; for --play a model is enough, and a bare q_network.state_dict() is a model too, as
+    CleanRL saves (.cleanrl_model) and publishes (q_network.pth) them; its action count is read from its last layer."""
     if not os.path.isfile(path):
         fail(f"{path!r} does not exist")
     try:
@@ -440,7 +708,7 @@ def load_checkpoint(path: str, env_id: str, n_actions: int, bare_ok: bool = Fals
              f"loading refuses ({type(e).__name__})")
     weights = [v for k, v in state.items() if k.endswith(".weight")] if isinstance(state, dict) else []
     if weights and all(isinstance(v, torch.Tensor) for v in state.values()):
-        if not bare_ok:
+        if not play:
             fail(f"{path!r} is a saved model, not a checkpoint; use --play to evaluate it")
         if weights[-1].shape[0] != n_actions:
             fail(f"{path!r} holds a network with {weights[-1].shape[0]} actions, but {env_id} has {n_actions}; "
@@ -451,6 +719,8 @@ def load_checkpoint(path: str, env_id: str, n_actions: int, bare_ok: bool = Fals
     if state["env_id"] != env_id or state["n_actions"] != n_actions:
         fail(f"{path!r} was trained on {state['env_id']} ({state['n_actions']} actions), not {env_id} "
              f"({n_actions} actions); pass --env-id {state['env_id']}")
+    if not play and "optimizer" not in state:
+        fail(f"{path!r} is a saved model, not a checkpoint; use --play to evaluate it")
     return state
 
 
@@ -481,295 +751,171 @@ def write_video(path: str, frames: list[np.ndarray], fps: int = 15) -> None:
     writer.release()
 
 
-def evaluate(q_network: nn.Module, game: str, sticky: float, max_frames: int, episodes: int, epsilon: float,
-             seed: int, device: torch.device, video_path: Optional[str] = None,
-             stop: Callable[[], bool] = lambda: False) -> tuple[np.ndarray, np.ndarray]:
-    """Plays `episodes` full games at once, one per env (so long games are not under-counted); returns their scores
-    and lengths in frames.
+class Log:
+    """Where a run reports: TensorBoard (CleanRL's tags; synced to W&B with --track), the terminal (a progress line
+    on a tty), the best model, and runs/{run_name}/summary.json, written for programs when the run ends however it
+    ends (completed, a signal, a non-finite loss)."""
 
-    The video comes from a second, colour env that replays game 0 in lockstep: same seed, same actions.
-    `stop()` true ends the evaluation early (a signal arrived); the scores are then incomplete.
-    """
-    envs = make_env(game, episodes, sticky, max_frames, train=False)
-    video_env = make_env(game, 1, sticky, max_frames, train=False, rgb=True) if video_path else None
-    rng = np.random.default_rng(seed)
-    obs, infos = envs.reset(seed=seed)
-    games = Games(envs, infos, max_frames)
-    frames = [video_env.reset(seed=seed)[0][0, 0]] if video_env else []
-    returns, lengths, finished, in_step = np.zeros(episodes), np.zeros(episodes), np.zeros(episodes, dtype=bool), True
-    while not finished.all() and not stop():
-        with torch.inference_mode():
-            q_values = q_network(torch.from_numpy(obs).to(device))
-        actions = q_values.argmax(dim=1).cpu().numpy()  # sync point: the env needs host actions
-        actions = np.where(rng.random(episodes) < epsilon, rng.integers(envs.single_action_space.n, size=episodes),
-                           actions)
-        actions = games.act(actions)
-        obs, rewards, terminations, truncations, infos = envs.step(actions)
-        if video_env and not finished[0]:
-            video_obs, video_rewards, *_ = video_env.step(actions[:1])
-            frames.append(video_obs[0, 0])
-            in_step &= bool(video_rewards[0] == rewards[0])
-        returns += rewards * ~finished  # an env that already finished has autoreset: ignore its new game
-        games.step(terminations, truncations, infos)
-        ended = games.ended & ~finished
-        lengths[ended] = games.length[ended]
-        finished |= ended
-    envs.close()
-    if video_env:
-        video_env.close()
-        write_video(video_path, frames)
-        if not in_step:
-            print(f"warning: the video env left the evaluated game's trajectory; {video_path} may differ",
+    def __init__(self, args: Args, files: RunFiles, run: RunState, resumed: bool):
+        self.args, self.files, self.run = args, files, run
+        files.create()
+        if args.track:
+            import wandb
+
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, group=args.wandb_group,
+                       sync_tensorboard=True, config=vars(args), name=files.run_name, id=files.run_name,
+                       resume="allow", dir=files.run_dir, save_code=True)
+        self.writer = SummaryWriter(files.run_dir, purge_step=run.global_step if resumed else None)
+        self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % (
+            "\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])))
+        if resumed:
+            print(f"resumed {files.run_name} at step {run.global_step} from {args.resume}" + (
+                "" if run.learning_from == 0 else f"; refilling the replay buffer until step {run.learning_from}"))
+        self.episode_returns = np.zeros(args.num_envs)
+        self.episode_lengths = np.zeros(args.num_envs, dtype=np.int64)
+        self.recent_returns: list[float] = []  # the last 10 games' scores, for the progress line
+        self.update_stats = torch.zeros((LOG_EVERY, 2), device=run.device)  # (td_loss, mean Q) per update
+        self.update_steps = [0] * LOG_EVERY  # the env step of each of those updates
+        self.start_time, self.start_step, self.last_print, self.eval_seconds = time.time(), run.global_step, 0.0, 0.0
+        self.is_tty = sys.stderr.isatty()
+
+    def sps(self) -> float:
+        return (self.run.global_step - self.start_step) / max(time.time() - self.start_time, 1e-9)
+
+    def games(self, rewards: np.ndarray, is_transition: np.ndarray, ended: np.ndarray) -> None:
+        """Adds a step's rewards to each env's game; logs the full, unclipped score of each game that ended."""
+        self.episode_returns[is_transition] += rewards[is_transition]
+        self.episode_lengths[is_transition] += 1
+        for i in np.flatnonzero(ended):
+            self.recent_returns = (self.recent_returns + [float(self.episode_returns[i])])[-10:]
+            self.writer.add_scalar("charts/episodic_return", self.episode_returns[i], self.run.global_step)
+            self.writer.add_scalar("charts/episodic_length", self.episode_lengths[i], self.run.global_step)
+            self.episode_returns[i], self.episode_lengths[i] = 0, 0
+
+    def update(self, stats: torch.Tensor, step: int) -> None:
+        """Keeps one update's (td_loss, mean Q) on the device, read every LOG_EVERY updates."""
+        self.update_stats[self.run.n_updates % LOG_EVERY] = stats
+        self.update_steps[self.run.n_updates % LOG_EVERY] = step
+
+    def updates_finite(self, step: int, epsilon: float) -> bool:
+        """Reads the last LOG_EVERY updates' stats (one host sync) and logs them; False if any is not finite."""
+        stats = self.update_stats.cpu().numpy()
+        if not np.isfinite(stats).all():
+            self.bad_step = self.update_steps[int(np.flatnonzero(~np.isfinite(stats).all(axis=1))[0])]
+            return False
+        self.writer.add_scalar("losses/td_loss", stats[:, 0].mean(), step)
+        self.writer.add_scalar("losses/q_values", stats[:, 1].mean(), step)
+        self.writer.add_scalar("charts/SPS", int(self.sps()), step)
+        self.writer.add_scalar("charts/epsilon", epsilon, step)
+        return True
+
+    def evaluation(self, returns: np.ndarray, held_out: Optional[tuple[float, float]], seconds: float) -> None:
+        step = self.run.global_step
+        self.eval_seconds += seconds
+        self.writer.add_scalar("eval/episodic_return", returns.mean(), step)
+        if held_out is not None:
+            self.writer.add_scalar("eval/avg_max_q", held_out[0], step)
+            self.writer.add_scalar("eval/td_error", held_out[1], step)
+        print(("\n" if self.is_tty else "") + f"step {step}: eval return {returns.mean():.2f} +- {returns.std():.2f}")
+        self.run.last_eval = float(returns.mean())
+        if returns.mean() > self.run.best_eval:
+            self.run.best_eval = float(returns.mean())
+            self.files.save_model("best_model.pt", self.run)
+
+    def progress(self, epsilon: float) -> None:
+        if not self.is_tty or time.time() - self.last_print <= 0.5:
+            return
+        self.last_print, sps, run = time.time(), self.sps(), self.run
+        recent = f"{np.mean(self.recent_returns):.1f}" if self.recent_returns else "-"
+        print(f"\r{run.global_step:>11,}/{self.args.total_timesteps:,} steps | {sps:,.0f} SPS | "
+              f"ETA {(self.args.total_timesteps - run.global_step) / max(sps, 1e-9) / 60:.1f} min | "
+              f"return(10) {recent} | eps {epsilon:.3f}   ", end="", file=sys.stderr, flush=True)
+
+    def summary(self, stop_reason: str) -> None:
+        """runs/{run_name}/summary.json: what a program needs from a run, without parsing printed lines."""
+        run, wall_s = self.run, time.time() - self.start_time
+        steps = run.global_step - self.start_step
+        summary = {"run_name": self.files.run_name, "script": os.path.basename(__file__), "env_id": self.args.env_id,
+                   "stop_reason": stop_reason, "env_steps": run.global_step, "gradient_updates": run.n_updates,
+                   "target_syncs": run.n_target_syncs, "env_steps_this_process": steps, "wall_s": wall_s,
+                   "training_sps": steps / max(wall_s - self.eval_seconds, 1e-9),
+                   "best_eval_return": run.best_eval if run.best_eval > -float("inf") else None,
+                   "final_eval_return": run.last_eval, "checkpoint": self.files.checkpoint,
+                   "resumed_from": self.args.resume, "args": asdict(self.args)}
+        path = os.path.join(self.files.run_dir, "summary.json")
+        with open(f"{path}.tmp{os.getpid()}", "w") as f:
+            json.dump(summary, f, indent=1)
+        os.replace(f"{path}.tmp{os.getpid()}", path)
+
+    def finish(self, rb: ReplayBuffer, signum: Optional[int]) -> None:
+        """The end of a run, completed or stopped by a signal: checkpoint, CleanRL's model file, summary."""
+        run, files = self.run, self.files
+        if self.is_tty:
+            print(file=sys.stderr)
+        save_checkpoint(files.checkpoint, files.checkpoint_state(run, rb))
+        if self.args.save_model:  # as CleanRL writes it: a bare q_network.state_dict(), which its dqn_eval loads
+            model_path = os.path.join(files.run_dir, f"{self.args.exp_name}.cleanrl_model")
+            save_checkpoint(model_path, run.q_network.state_dict())
+            print(f"model saved to {model_path}")
+        self.writer.close()
+        self.summary("completed" if signum is None else f"signal {signal.Signals(signum).name}")
+        print(f"finished {files.run_name}: {run.global_step} steps, {run.n_updates} gradient updates, "
+              f"{run.n_target_syncs} target syncs in {time.time() - self.start_time:.1f}s; best eval return "
+              f"{run.best_eval:.2f}")
+        if signum is not None:
+            print(f"stopped by signal {signum} at step {run.global_step}; resume with --resume {files.checkpoint}",
                   file=sys.stderr)
-    return returns, lengths
+            raise SystemExit(128 + signum)
 
 
-def main(args: Args) -> None:
-    validate_args(args)
-    game, sticky = atari_game(args.env_id)
-    probe_env = make_env(game, 1, sticky, args.max_episode_frames, train=True)
-    n_actions = int(probe_env.single_action_space.n)
-    probe_env.close()
-    checkpoint = None
-    if args.resume:
-        checkpoint = load_checkpoint(args.resume, args.env_id, n_actions)
-        if "optimizer" not in checkpoint:
-            fail(f"{args.resume!r} is a saved model, not a checkpoint; use --play to evaluate it")
-    if args.cuda and not torch.cuda.is_available():
-        print("warning: --cuda is on (the default) but CUDA is not available; running on the CPU "
-              "(--no-cuda silences this)", file=sys.stderr)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    memory_format = torch.channels_last if args.channels_last else torch.preserve_format
+def stop_non_finite(run: RunState, rb: ReplayBuffer, log: Log, last_finite: dict) -> NoReturn:
+    """A NaN or inf loss or Q-value: keep the last finite learner state in the checkpoint, say so, exit 1."""
+    checkpoint = log.files.checkpoint
+    save_checkpoint(checkpoint, {**log.files.checkpoint_state(run, rb), **last_finite})
+    log.writer.close()
+    log.summary(f"non-finite loss at step {log.bad_step}")
+    print(f"error: non-finite TD loss or Q-values at env step {log.bad_step}; the last good state (step "
+          f"{last_finite['global_step']}) is saved in {checkpoint}; lower --learning-rate or check the rewards",
+          file=sys.stderr)
+    raise SystemExit(1)
 
-    if args.play:
-        state = load_checkpoint(args.play, args.env_id, n_actions, bare_ok=True)
-        q_network = QNetwork(n_actions).to(device, memory_format=memory_format)
-        load_weights(q_network, state["model"], args.play)
-        video_path = None
-        if args.capture_video:
-            os.makedirs("videos", exist_ok=True)
-            video_path = os.path.join("videos", f"play__{args.env_id.replace('/', '-')}__{args.seed}.mp4")
-        returns, lengths = evaluate(q_network, game, sticky, args.max_episode_frames, args.eval_episodes,
-                                    args.eval_epsilon, args.seed, device, video_path)
-        print(f"{args.eval_episodes} episodes of {args.play}: mean return {returns.mean():.2f} +- {returns.std():.2f}"
-              f" (min {returns.min():.1f}, max {returns.max():.1f}), mean length {lengths.mean():,.0f} frames"
-              + (f"; video: {video_path}" if video_path else ""))
-        return
-    storage = replay_storage(args, device)
 
-    run_name = (args.run_name or (checkpoint or {}).get("run_name")
-                or f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}")
-    run_dir = os.path.join("runs", run_name)
-    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
-    if not checkpoint and os.path.exists(checkpoint_path):  # never overwrite a run's checkpoint with a new run
-        fail(f"{run_dir} already holds a run; continue it with --resume {checkpoint_path} or pass another --run-name")
-    check_writable(run_dir)
+class StopOnSignal:
+    """SIGINT/SIGTERM end the training loop at the next step (the run then checkpoints and exits 128 + signal); a
+    second signal kills at once (checkpoint writes are atomic). True once a signal has arrived."""
 
-    # ALGO LOGIC: initialize agent here:
-    q_network = QNetwork(n_actions).to(device, memory_format=memory_format)
-    optimizer = make_optimizer(q_network, args)
-    target_network = QNetwork(n_actions).to(device, memory_format=memory_format)
-    target_network.load_state_dict(q_network.state_dict())
-    rng = np.random.default_rng(args.seed)  # exploration; its state is checkpointed
+    def __enter__(self) -> "StopOnSignal":
+        self.signum: Optional[int] = None
+        self.previous = {s: signal.signal(s, self.request) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
 
-    global_step, n_updates, n_target_syncs, best_eval, learning_from = 0, 0, 0, -float("inf"), 0
-    held_out: Optional[Batch] = None
-    if checkpoint:
-        try:
-            load_weights(q_network, checkpoint["model"], args.resume)
-            load_weights(target_network, checkpoint["target_model"], args.resume)
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            if checkpoint["held_out"] is not None:
-                held_out = Batch(*(t.to(device) for t in checkpoint["held_out"]))
-            rng.bit_generator.state = checkpoint["numpy_rng"]
-            torch.set_rng_state(checkpoint["torch_rng"])
-            if device.type == "cuda" and checkpoint["cuda_rng"] is not None:
-                torch.cuda.set_rng_state_all(checkpoint["cuda_rng"])
-            global_step, n_updates = checkpoint["global_step"], checkpoint["n_updates"]
-            n_target_syncs, best_eval = checkpoint["n_target_syncs"], checkpoint["best_eval"]
-            if checkpoint["replay_buffer"] is None:  # no updates until the empty buffer holds learning_starts new steps
-                learning_from = global_step + args.learning_starts
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            fail(f"{args.resume!r} is not a complete checkpoint of this script ({type(e).__name__}: {e})")
-    # the replay buffer comes last: its allocation is the slow part, after the checks above
-    rb = ReplayBuffer(args.buffer_size, args.num_envs, storage, device)
-    print(f"replay: {ReplayBuffer.bytes_needed(args.buffer_size, args.num_envs) / 1e9:.2f} GB on {storage}, "
-          f"learner on {device}")
-    if checkpoint and checkpoint["replay_buffer"] is not None:
-        rb.load_state_dict(checkpoint["replay_buffer"])
-
-    os.makedirs(run_dir, exist_ok=True)
-    for stale in glob.glob(f"{checkpoint_path}.tmp*"):  # left by a process killed while writing a checkpoint
-        os.remove(stale)
-    if args.track:
-        import wandb
-
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, group=args.wandb_group,
-                   sync_tensorboard=True, config=vars(args), name=run_name, id=run_name, resume="allow",
-                   dir=run_dir, save_code=True)
-    writer = SummaryWriter(run_dir, purge_step=checkpoint["global_step"] if checkpoint else None)
-    writer.add_text("hyperparameters",
-                    "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])))
-    if checkpoint:
-        print(f"resumed {run_name} at step {global_step} from {args.resume}"
-              + ("" if learning_from == 0 else f"; refilling the replay buffer until step {learning_from}"))
-
-    def good_fields() -> dict:
-        return {"model": q_network.state_dict(), "target_model": target_network.state_dict(),
-                "optimizer": optimizer.state_dict(), "global_step": global_step, "n_updates": n_updates,
-                "n_target_syncs": n_target_syncs}
-
-    def training_state() -> dict:
-        return {"env_id": args.env_id, "n_actions": n_actions, "run_name": run_name, "args": asdict(args),
-                **good_fields(), "replay_buffer": rb.state_dict() if args.checkpoint_buffer else None,
-                "held_out": [t.cpu() for t in held_out] if held_out is not None else None,
-                "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
-                "best_eval": best_eval}
-
-    def save_model(path: str) -> None:
-        save_checkpoint(path, {"env_id": args.env_id, "n_actions": n_actions, "model": q_network.state_dict(),
-                               "global_step": global_step})
-
-    # SIGINT/SIGTERM end the loop at the next step; a second signal kills at once (checkpoint writes are atomic).
-    stop_signal = []
-
-    def request_stop(signum, frame):
-        stop_signal.append(signum)
+    def request(self, signum, frame) -> None:
+        self.signum = signum
         signal.signal(signum, signal.SIG_DFL)
 
-    previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    def __bool__(self) -> bool:
+        return self.signum is not None
 
-    envs = make_env(game, args.num_envs, sticky, args.max_episode_frames, train=True)
-    obs, infos = envs.reset(seed=args.seed + global_step)
-    games = Games(envs, infos, args.max_episode_frames)
-    # each env's stream starts with the first frame of its game: a slot that is not a transition
-    rb.add(obs[:, -1], *np.zeros((3, args.num_envs)), firsts=np.ones(args.num_envs, dtype=bool))
-    episode_returns, episode_lengths = np.zeros(args.num_envs), np.zeros(args.num_envs, dtype=np.int64)
-    recent_returns: list[float] = []
-    update_stats = torch.zeros((LOG_EVERY, 2), device=device)  # (td_loss, mean Q) per update, read every LOG_EVERY
-    update_steps = [0] * LOG_EVERY  # the env step of each of those updates
-    good_state = copy.deepcopy(good_fields())  # the last learner state whose losses were all finite
-    start_time, start_step, last_print = time.time(), global_step, 0.0
-    is_tty = sys.stderr.isatty()
-    while global_step < args.total_timesteps and not stop_signal:
-        # ALGO LOGIC: put action logic here
-        epsilon = linear_schedule(args.start_e, args.end_e, int(args.exploration_fraction * args.total_timesteps),
-                                  global_step)
-        explore = rng.random(args.num_envs) < epsilon
-        actions = rng.integers(n_actions, size=args.num_envs)
-        if not explore.all():
-            with torch.inference_mode():
-                q_values = q_network(torch.from_numpy(obs).to(device))
-            actions = np.where(explore, actions, q_values.argmax(dim=1).cpu().numpy())  # sync point: host actions
-        actions = games.act(actions)  # FIRE after a life loss; the replay stores the action executed
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
-        # TRY NOT TO MODIFY: execute the game and log data. The envs step in ale-py's threads while the learner
-        # trains below; recv() then waits for them.
-        envs.send(actions)
-        global_step += args.num_envs
 
-        # ALGO LOGIC: training. Visit every env step this vector step covered, so that updates per env step stay
-        # 1/train_frequency and target syncs every target_network_frequency steps whatever num_envs is.
-        for step in range(global_step - args.num_envs + 1, global_step + 1):
-            if step <= args.learning_starts or step <= learning_from:
-                continue
-            if held_out is None:  # DeepMind's held-out states, drawn once from the (random-policy) warm-up data
-                held_out = rb.sample(HELD_OUT)
-            if step % args.train_frequency == 0:
-                data = rb.sample(args.batch_size)
-                update_stats[n_updates % LOG_EVERY] = train_step(q_network, target_network, optimizer, data,
-                                                                 args.gamma)
-                update_steps[n_updates % LOG_EVERY] = step
-                n_updates += 1
-                if n_updates % LOG_EVERY == 0:
-                    stats = update_stats.cpu().numpy()  # sync point: once per LOG_EVERY updates
-                    if not np.isfinite(stats).all():
-                        bad_step = update_steps[int(np.flatnonzero(~np.isfinite(stats).all(axis=1))[0])]
-                        save_checkpoint(checkpoint_path, {**training_state(), **good_state})
-                        writer.close()
-                        print(f"error: non-finite TD loss or Q-values at env step {bad_step}; the last good state "
-                              f"(step {good_state['global_step']}) is saved in {checkpoint_path}; lower "
-                              "--learning-rate or check the rewards", file=sys.stderr)
-                        raise SystemExit(1)
-                    good_state = copy.deepcopy(good_fields())
-                    writer.add_scalar("losses/td_loss", stats[:, 0].mean(), step)
-                    writer.add_scalar("losses/q_values", stats[:, 1].mean(), step)
-                    sps = int((global_step - start_step) / (time.time() - start_time))
-                    writer.add_scalar("charts/SPS", sps, step)
-                    writer.add_scalar("charts/epsilon", epsilon, step)
-            if step % args.target_network_frequency == 0:
-                update_target(target_network, q_network, args.tau)
-                n_target_syncs += 1
-
-        next_obs, rewards, terminations, truncations, infos = envs.recv()
-        games.step(terminations, truncations, infos)  # terminated alone may be a life loss
-        real = ~games.reset_step  # a reset step (action ignored, reward 0, obs = the new game's first): no transition
-        episode_returns[real] += rewards[real]
-        episode_lengths[real] += 1
-        for i in np.flatnonzero(games.ended):  # a missed game over: the last game's total, seen at its reset step
-            recent_returns = (recent_returns + [float(episode_returns[i])])[-10:]
-            writer.add_scalar("charts/episodic_return", episode_returns[i], global_step)
-            writer.add_scalar("charts/episodic_length", episode_lengths[i], global_step)
-            episode_returns[i], episode_lengths[i] = 0, 0
-        # done = termination or life loss; a truncation bootstraps from its real final frame, stored in this slot
-        rb.add(next_obs[:, -1], actions, rewards, terminations, firsts=~real)
-        obs = next_obs
-
-        done_training = global_step >= args.total_timesteps
-        if crossed(global_step, args.num_envs, args.eval_frequency) or done_training:
-            video_path = None
-            if args.capture_video:
-                os.makedirs(os.path.join(run_dir, "videos"), exist_ok=True)
-                video_path = os.path.join(run_dir, "videos", f"eval_step{global_step}.mp4")
-            returns, _ = evaluate(q_network, game, sticky, args.max_episode_frames, args.eval_episodes,
-                                  args.eval_epsilon, args.seed + 1_000_000 + global_step, device, video_path,
-                                  stop=lambda: bool(stop_signal))
-            if stop_signal:  # a signal cut the evaluation short: stop without logging it
-                break
-            writer.add_scalar("eval/episodic_return", returns.mean(), global_step)
-            if held_out is not None:  # Mnih et al. 2015, Fig. 2: average max Q on held-out states, and the TD error
-                with torch.inference_mode():
-                    q_held = q_network(held_out.observations)
-                    td_held = compute_td_target(target_network, held_out.rewards, held_out.next_observations,
-                                                held_out.dones, args.gamma)
-                    td_error = (td_held - q_held.gather(1, held_out.actions[:, None]).squeeze(1)).abs().mean()
-                writer.add_scalar("eval/avg_max_q", q_held.max(dim=1).values.mean().item(), global_step)
-                writer.add_scalar("eval/td_error", td_error.item(), global_step)
-            print(("\n" if is_tty else "")
-                  + f"step {global_step}: eval return {returns.mean():.2f} +- {returns.std():.2f}")
-            if returns.mean() > best_eval:
-                best_eval = float(returns.mean())
-                save_model(os.path.join(run_dir, "best_model.pt"))
-        if crossed(global_step, args.num_envs, args.checkpoint_frequency):
-            save_checkpoint(checkpoint_path, training_state())
-        if is_tty and time.time() - last_print > 0.5:
-            last_print = time.time()
-            sps = (global_step - start_step) / (last_print - start_time)
-            recent = f"{np.mean(recent_returns):.1f}" if recent_returns else "-"
-            print(f"\r{global_step:>11,}/{args.total_timesteps:,} steps | {sps:,.0f} SPS | "
-                  f"ETA {(args.total_timesteps - global_step) / max(sps, 1e-9) / 60:.1f} min | "
-                  f"return(10) {recent} | eps {epsilon:.3f}   ", end="", file=sys.stderr, flush=True)
-
-    envs.close()
-    for signum, handler in previous_handlers.items():
-        signal.signal(signum, handler)
-    if is_tty:
-        print(file=sys.stderr)
-    save_checkpoint(checkpoint_path, training_state())
-    if args.save_model:  # as CleanRL writes it: a bare q_network.state_dict(), which its QNetwork and dqn_eval load
-        model_path = os.path.join(run_dir, f"{args.exp_name}.cleanrl_model")
-        save_checkpoint(model_path, q_network.state_dict())
-        print(f"model saved to {model_path}")
-    writer.close()
-    print(f"finished {run_name}: {global_step} steps, {n_updates} gradient updates, {n_target_syncs} target syncs "
-          f"in {time.time() - start_time:.1f}s; best eval return {best_eval:.2f}")
-    if stop_signal:
-        print(f"stopped by signal {stop_signal[0]} at step {global_step}; resume with --resume {checkpoint_path}",
-              file=sys.stderr)
-        raise SystemExit(128 + stop_signal[0])
+def play(args: Args, game: str, sticky: float, n_actions: int, device: torch.device) -> None:
+    """--play: evaluate a saved model (ours, a checkpoint, or a bare state_dict as CleanRL saves and publishes)."""
+    state = load_checkpoint(args.play, args.env_id, n_actions, play=True)
+    memory_format = torch.channels_last if args.channels_last else torch.preserve_format
+    q_network = QNetwork(n_actions).to(device, memory_format=memory_format)
+    load_weights(q_network, state["model"], args.play)
+    video_path = None
+    if args.capture_video:
+        os.makedirs("videos", exist_ok=True)
+        video_path = os.path.join("videos", f"play__{args.env_id.replace('/', '-')}__{args.seed}.mp4")
+    returns, lengths = evaluate(q_network, game, sticky, args.max_episode_frames, args.eval_episodes,
+                                args.eval_epsilon, args.seed, device, video_path)
+    print(f"{args.eval_episodes} episodes of {args.play}: mean return {returns.mean():.2f} +- {returns.std():.2f}"
+          f" (min {returns.min():.1f}, max {returns.max():.1f}), mean length {lengths.mean():,.0f} frames"
+          + (f"; video: {video_path}" if video_path else ""))
 
 
 if __name__ == "__main__":

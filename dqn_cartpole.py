@@ -7,13 +7,14 @@ preprint arXiv:1312.5602): epsilon-greedy acting, a replay memory, and a periodi
 
 Departures from the paper, all as in CleanRL's dqn.py: an MLP instead of the CNN, Adam instead of RMSProp, MSE loss
 (no error clipping). A time-limit truncation bootstraps from the real final observation (Pardo et al. 2018,
-arXiv:1712.00378); only a true termination cuts the return. Defaults are tuned to solve CartPole-v1 in 50k steps
-(benchmarks/RESULTS.md), not CleanRL's 500k.
+arXiv:1712.00378); only a true termination cuts the return. The defaults are a configuration tuned for CartPole-v1
+(50k steps, where CleanRL's dqn.py runs 500k); benchmarks/RESULTS.md measures how fast it solves the task.
 """
 
 import copy
 import difflib
 import glob
+import json
 import os
 import re
 import signal
@@ -106,7 +107,307 @@ class Args:
 
 
 LOG_EVERY = 100  # gradient updates between loss/Q logs and non-finite checks (each is one CPU-GPU sync)
+COLUMNS = ("action", "reward", "done")  # the float32 columns a replay row stores after its obs and next obs
+ACTION, REWARD, DONE = range(-len(COLUMNS), 0)  # counted from the row's end: -3, -2, -1
 RUN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=+-]*")
+
+
+def make_env(env_id: str, seed: int, render: bool = False):
+    def thunk():
+        if render:
+            headless_video()
+        env = gym.make(env_id, render_mode="rgb_array") if render else gym.make(env_id)
+        env.action_space.seed(seed)
+        return env
+
+    return thunk
+
+
+def check_env(env_id: str) -> tuple[int, int]:
+    """Fails with a clear line unless env_id exists with a flat Box observation and Discrete actions."""
+    gym.register_envs(ale_py)  # so that an Atari id gets "use dqn_atari.py" rather than "unknown"
+    try:
+        env = gym.make(env_id)
+    except gym.error.Error as e:
+        matches = difflib.get_close_matches(env_id, gym.registry.keys(), n=3)
+        fail(f"unknown --env-id {env_id!r} ({e}); close matches: {', '.join(matches) or 'none'}")
+    obs_space, act_space = env.observation_space, env.action_space
+    env.close()
+    if not isinstance(act_space, gym.spaces.Discrete):
+        fail(f"--env-id {env_id} has action space {act_space}; this DQN needs Discrete actions")
+    if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
+        fail(f"--env-id {env_id} has observation space {obs_space}; this script needs a flat Box (use dqn_atari.py)")
+    return obs_space.shape[0], int(act_space.n)
+
+
+def linear_schedule(start_e: float, end_e: float, duration: int, t: int) -> float:
+    """start_e at t = 0, end_e from t = duration on, linear in between (either direction)."""
+    if t >= duration:
+        return end_e
+    return start_e + (end_e - start_e) * t / duration
+
+
+def passed_multiple(frequency: int, global_step: int, num_envs: int) -> bool:
+    """Whether the last vector step (num_envs env steps, ending at global_step) passed a multiple of `frequency`
+    (0: never): periodic work keeps its schedule whatever num_envs is."""
+    return frequency > 0 and global_step // frequency > (global_step - num_envs) // frequency
+
+
+class QNetwork(nn.Module):
+    """CleanRL's dqn.py MLP (two hidden layers of 120 and 84 there), with the hidden widths a flag."""
+
+    def __init__(self, obs_dim: int, n_actions: int, hidden_sizes: tuple[int, ...]):
+        super().__init__()
+        layers, width = [], obs_dim
+        for hidden in hidden_sizes:
+            layers += [nn.Linear(width, hidden), nn.ReLU()]
+            width = hidden
+        self.network = nn.Sequential(*layers, nn.Linear(width, n_actions))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x)  # (B, obs_dim) -> (B, n_actions)
+
+
+def compute_td_target(target_network: nn.Module, rewards: torch.Tensor, next_observations: torch.Tensor,
+                      dones: torch.Tensor, gamma: float) -> torch.Tensor:
+    """y = r + gamma * max_a' Q_target(s', a'), cut at a true termination (Mnih et al. 2015, Algorithm 1)."""
+    with torch.no_grad():
+        target_max = target_network(next_observations).max(dim=1).values  # (B,)
+        return rewards + gamma * target_max * (1 - dones)
+
+
+def td_terms(q_network: nn.Module, target_network: nn.Module, data: "Batch",
+             gamma: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The one TD computation: the TD target y (B,), Q(s, .) (B, A) and Q(s, a) (B,) of the actions taken."""
+    td_target = compute_td_target(target_network, data.rewards, data.next_observations, data.dones, gamma)
+    q_values = q_network(data.observations)  # (B, n_actions)
+    return td_target, q_values, q_values.gather(1, data.actions[:, None]).squeeze(1)
+
+
+def make_optimizer(q_network: nn.Module, args: Args) -> torch.optim.Optimizer:
+    """Adam (CleanRL's choice over the paper's RMSProp), fused: one kernel for all parameters."""
+    return torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, fused=True)
+
+
+def update_target(target_network: nn.Module, q_network: nn.Module, tau: float) -> None:
+    """theta_target <- tau * theta + (1 - tau) * theta_target; tau = 1 is the paper's hard copy."""
+    with torch.no_grad():
+        for target_param, param in zip(target_network.parameters(), q_network.parameters()):
+            target_param.copy_(param) if tau == 1.0 else target_param.lerp_(param, tau)
+
+
+def train_step(q_network: nn.Module, target_network: nn.Module, optimizer: torch.optim.Optimizer, data: "Batch",
+               gamma: float) -> torch.Tensor:
+    """One gradient step on a batch; returns (td_loss, mean Q) as a (2,) tensor on the device, without a host sync."""
+    td_target, _, q_taken = td_terms(q_network, target_network, data, gamma)
+    loss = F.mse_loss(td_target, q_taken)  # (y - Q(s, a))^2: CleanRL's MSE, not the paper's clipped error
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return torch.stack((loss.detach(), q_taken.detach().mean()))
+
+
+class Batch(NamedTuple):
+    observations: torch.Tensor  # (B, obs_dim) float32
+    actions: torch.Tensor  # (B,) int64
+    rewards: torch.Tensor  # (B,) float32
+    next_observations: torch.Tensor  # (B, obs_dim) float32
+    dones: torch.Tensor  # (B,) float32, 1 only for a true termination (truncation bootstraps)
+
+
+class ReplayBuffer:
+    """Preallocated ring buffer on `device`, one float32 row per transition: obs, next obs, then COLUMNS.
+
+    One row per transition makes an add one slice write and a sample one gather (no deque of tuples). A flat
+    observation is a few floats, so storing next_obs beside obs is cheaper than rebuilding it and keeps the real final
+    observation of a truncated episode (NEXT_STEP autoreset replaces it in the env's next obs).
+    Memory: (2 * obs_dim + 3) * 4 bytes per transition; CartPole: 44 bytes, 2.2 MB at 50k.
+    """
+
+    def __init__(self, capacity: int, obs_dim: int, device: torch.device):
+        self.capacity, self.obs_dim, self.device, self.pos, self.size = capacity, obs_dim, device, 0, 0
+        self.rows = torch.zeros((capacity, 2 * obs_dim + len(COLUMNS)), dtype=torch.float32, device=device)
+
+    def add(self, obs: np.ndarray, next_obs: np.ndarray, actions: np.ndarray, rewards: np.ndarray, dones: np.ndarray):
+        """Adds k transitions (numpy arrays with a leading k axis), overwriting the oldest once full."""
+        columns = np.stack([actions, rewards, dones], axis=1)  # (k, 3): COLUMNS
+        rows = np.concatenate([obs, next_obs, columns], axis=1, dtype=np.float32)  # (k, 2 * obs_dim + 3)
+        rows = torch.from_numpy(rows).to(self.device)
+        k = len(rows)
+        first = min(k, self.capacity - self.pos)  # rows that fit before the ring wraps; the rest go to the front
+        self.rows[self.pos : self.pos + first] = rows[:first]
+        self.rows[: k - first] = rows[first:]
+        self.pos = (self.pos + k) % self.capacity
+        self.size = min(self.size + k, self.capacity)
+
+    def sample(self, batch_size: int) -> Batch:
+        rows = self.rows[torch.randint(self.size, (batch_size,), device=self.device)]  # (B, 2 * obs_dim + 3)
+        d = self.obs_dim
+        return Batch(rows[:, :d], rows[:, ACTION].long(), rows[:, REWARD], rows[:, d : 2 * d], rows[:, DONE])
+
+    def state_dict(self) -> dict:
+        return {"pos": self.pos, "size": self.size, "rows": self.rows.cpu()}
+
+    def load_state_dict(self, state: Optional[dict]) -> None:
+        if not isinstance(state, dict) or getattr(state.get("rows"), "shape", None) != self.rows.shape:
+            fail("the checkpoint's replay buffer has another --buffer-size or observation size; resume with the same")
+        self.rows.copy_(state["rows"])
+        self.pos, self.size = state["pos"], state["size"]
+
+
+def evaluate(q_network: nn.Module, env_id: str, episodes: int, epsilon: float, seed: int, device: torch.device,
+             video_path: Optional[str] = None, stop: Callable[[], bool] = lambda: False) -> np.ndarray:
+    """Plays `episodes` episodes at once, one per env (so long episodes are not under-counted); returns their returns.
+
+    The video is episode 0's, rendered by its own env. `stop()` true ends the evaluation early (a signal arrived);
+    the returns are then incomplete.
+    """
+    envs = gym.vector.SyncVectorEnv([make_env(env_id, seed + i, render=video_path is not None and i == 0)
+                                     for i in range(episodes)])
+    rng = np.random.default_rng(seed)
+    obs, _ = envs.reset(seed=seed)
+    returns, finished, frames = np.zeros(episodes), np.zeros(episodes, dtype=bool), []
+    while not finished.all() and not stop():
+        if video_path is not None and not finished[0]:
+            frames.append(envs.envs[0].render())
+        with torch.inference_mode():
+            q_values = q_network(torch.as_tensor(obs, dtype=torch.float32, device=device))
+        actions = q_values.argmax(dim=1).cpu().numpy()  # sync point: the env needs host actions
+        actions = np.where(rng.random(episodes) < epsilon, rng.integers(envs.single_action_space.n, size=episodes),
+                           actions)
+        obs, rewards, terminations, truncations, _ = envs.step(actions)
+        returns += rewards * ~finished  # an env that already finished has autoreset: ignore its new episode
+        finished |= terminations | truncations
+    envs.close()
+    if video_path is not None:
+        write_video(video_path, frames)
+    return returns
+
+
+class RunState:
+    """Everything of a run that outlives a step and a checkpoint restores, except the replay: networks, optimizer,
+    the exploration RNG, counters and the best and last evaluation returns."""
+
+    def __init__(self, args: Args, obs_dim: int, n_actions: int, device: torch.device):
+        self.q_network = QNetwork(obs_dim, n_actions, args.hidden_sizes).to(device)
+        self.optimizer = make_optimizer(self.q_network, args)
+        self.target_network = QNetwork(obs_dim, n_actions, args.hidden_sizes).to(device)
+        self.target_network.load_state_dict(self.q_network.state_dict())
+        self.rng = np.random.default_rng(args.seed)  # exploration
+        self.n_actions, self.device = n_actions, device
+        self.global_step, self.n_updates, self.n_target_syncs = 0, 0, 0
+        self.best_eval, self.last_eval = -float("inf"), None
+
+    def learner_state(self) -> dict:
+        """The learner alone: what a non-finite loss rolls back to."""
+        return {"model": self.q_network.state_dict(), "target_model": self.target_network.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "global_step": self.global_step,
+                "n_updates": self.n_updates, "n_target_syncs": self.n_target_syncs}
+
+    def state_dict(self) -> dict:
+        return {**self.learner_state(), "best_eval": self.best_eval, "last_eval": self.last_eval,
+                "numpy_rng": self.rng.bit_generator.state, "torch_rng": torch.get_rng_state()}
+
+    def load_state_dict(self, state: dict, path: str) -> None:
+        load_weights(self.q_network, state["model"], path)
+        load_weights(self.target_network, state["target_model"], path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.global_step, self.n_updates = state["global_step"], state["n_updates"]
+        self.n_target_syncs, self.best_eval, self.last_eval = state["n_target_syncs"], state["best_eval"], state.get(
+            "last_eval")  # absent from checkpoints written before summary.json existed
+        self.rng.bit_generator.state = state["numpy_rng"]
+        torch.set_rng_state(state["torch_rng"])
+
+
+def main(args: Args) -> None:
+    validate_args(args)
+    obs_dim, n_actions = check_env(args.env_id)
+    checkpoint = load_checkpoint(args.resume, args.env_id, n_actions) if args.resume else None
+    device = pick_device(args)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    if args.play:
+        return play(args, obs_dim, n_actions, device)
+    files = RunFiles(args, checkpoint)
+
+    # ALGO LOGIC: initialize agent here:
+    run = RunState(args, obs_dim, n_actions, device)
+    if checkpoint:
+        restore(run, checkpoint, args)
+    rb = ReplayBuffer(args.buffer_size, obs_dim, device)
+    if checkpoint:
+        rb.load_state_dict(checkpoint.get("replay_buffer"))
+    log = Log(args, files, run, resumed=checkpoint is not None)
+
+    with StopOnSignal() as stop:
+        envs = gym.vector.SyncVectorEnv([make_env(args.env_id, args.seed + run.global_step + i)
+                                         for i in range(args.num_envs)])
+        obs, _ = envs.reset(seed=args.seed + run.global_step)
+        autoreset = np.zeros(args.num_envs, dtype=bool)  # True where the next step is NEXT_STEP's reset step
+        last_finite = copy.deepcopy(run.learner_state())  # the last learner state whose losses were all finite
+        while run.global_step < args.total_timesteps and not stop:
+            # ALGO LOGIC: epsilon-greedy action (Mnih et al. 2015, Alg. 1)
+            epsilon = linear_schedule(args.start_e, args.end_e, int(args.exploration_fraction * args.total_timesteps),
+                                      run.global_step)
+            explore = run.rng.random(args.num_envs) < epsilon
+            actions = run.rng.integers(n_actions, size=args.num_envs)
+            if not explore.all():
+                with torch.inference_mode():
+                    q_values = run.q_network(torch.from_numpy(obs).to(device))
+                actions = np.where(explore, actions, q_values.argmax(dim=1).cpu().numpy())  # sync point: host actions
+
+            # TRY NOT TO MODIFY: execute the game and log data.
+            next_obs, rewards, terminations, truncations, _ = envs.step(actions)
+            is_transition = ~autoreset  # a reset step (action ignored, reward 0) is not a transition
+            log.episodes(rewards, is_transition, is_transition & (terminations | truncations))
+            # NEXT_STEP autoreset: next_obs of an ended episode is its real final observation, so a truncation
+            # bootstraps from it and only `terminations` are stored as dones.
+            rb.add(obs[is_transition], next_obs[is_transition], actions[is_transition], rewards[is_transition],
+                   terminations[is_transition])
+            autoreset = terminations | truncations
+            obs = next_obs
+            run.global_step += args.num_envs
+
+            # ALGO LOGIC: training. Visit every env step this vector step covered, so that updates per env step stay
+            # 1/train_frequency and target syncs every target_network_frequency steps whatever num_envs is.
+            for step in range(run.global_step - args.num_envs + 1, run.global_step + 1):
+                if step <= args.learning_starts:
+                    continue
+                if step % args.train_frequency == 0:
+                    data = rb.sample(args.batch_size)
+                    log.update(train_step(run.q_network, run.target_network, run.optimizer, data, args.gamma), step)
+                    run.n_updates += 1
+                    if run.n_updates % LOG_EVERY == 0:
+                        if not log.updates_finite(step, epsilon):  # sync point: once per LOG_EVERY updates
+                            stop_non_finite(run, rb, log, last_finite)
+                        last_finite = copy.deepcopy(run.learner_state())
+                if step % args.target_network_frequency == 0:
+                    update_target(run.target_network, run.q_network, args.tau)
+                    run.n_target_syncs += 1
+
+            if (passed_multiple(args.eval_frequency, run.global_step, args.num_envs)
+                    or run.global_step >= args.total_timesteps):
+                started = time.time()
+                returns = evaluate(run.q_network, args.env_id, args.eval_episodes, args.eval_epsilon,
+                                   args.seed + 1_000_000 + run.global_step, device,
+                                   files.eval_video(run.global_step), stop=lambda: bool(stop))
+                if stop:  # a signal cut the evaluation short: stop without logging it
+                    break
+                log.evaluation(returns, time.time() - started)
+                if args.goal_score is not None and returns.mean() >= args.goal_score:
+                    log.goal_reached(returns.mean())
+                    break
+            if passed_multiple(args.checkpoint_frequency, run.global_step, args.num_envs):
+                save_checkpoint(files.checkpoint, files.checkpoint_state(run, rb))
+            log.progress(epsilon)
+        envs.close()
+    log.finish(rb, stop.signum)
+
+
+# =====================================================================================================================
+# Plumbing: what keeps a run safe and observable, not the algorithm. Input checks, device, run files and checkpoints,
+# video, logging and progress, summary.json, signals, --play.
+# =====================================================================================================================
 
 
 def fail(message: str) -> NoReturn:
@@ -144,128 +445,55 @@ def validate_args(args: Args) -> None:
             fail(f"--{name.replace('_', '-')} {value!r} must be a plain name (letters, digits, . _ = + -)")
 
 
-def make_env(env_id: str, seed: int, render: bool = False):
-    def thunk():
-        env = gym.make(env_id, render_mode="rgb_array") if render else gym.make(env_id)
-        env.action_space.seed(seed)
-        return env
-
-    return thunk
+def pick_device(args: Args) -> torch.device:
+    if args.cuda and not torch.cuda.is_available():
+        print("warning: --cuda is on (the default) but CUDA is not available; running on the CPU "
+              "(--no-cuda silences this)", file=sys.stderr)
+    return torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
 
-def check_env(env_id: str) -> tuple[int, int]:
-    """Fails with a clear line unless env_id exists with a flat Box observation and Discrete actions."""
-    gym.register_envs(ale_py)  # so that an Atari id gets "use dqn_atari.py" rather than "unknown"
+class RunFiles:
+    """runs/{run_name}/: checkpoint.pt, best_model.pt, summary.json, TensorBoard events, videos/. Checked before
+    anything is allocated: a new run never overwrites another run's checkpoint."""
+
+    def __init__(self, args: Args, checkpoint: Optional[dict]):
+        self.args = args
+        self.run_name = (args.run_name or (checkpoint or {}).get("run_name")
+                         or f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}")
+        self.run_dir = os.path.join("runs", self.run_name)
+        self.checkpoint = os.path.join(self.run_dir, "checkpoint.pt")
+        if not checkpoint and os.path.exists(self.checkpoint):
+            fail(f"{self.run_dir} already holds a run; continue it with --resume {self.checkpoint} or pass another "
+                 "--run-name")
+        check_writable(self.run_dir)
+
+    def create(self) -> None:
+        os.makedirs(self.run_dir, exist_ok=True)
+        for stale in glob.glob(f"{self.checkpoint}.tmp*"):  # left by a process killed while writing a checkpoint
+            os.remove(stale)
+
+    def checkpoint_state(self, run: RunState, rb: ReplayBuffer) -> dict:
+        return {"env_id": self.args.env_id, "n_actions": run.n_actions, "hidden_sizes": list(self.args.hidden_sizes),
+                "run_name": self.run_name, "args": asdict(self.args), **run.state_dict(),
+                "replay_buffer": rb.state_dict()}
+
+    def save_model(self, name: str, run: RunState) -> None:
+        save_checkpoint(os.path.join(self.run_dir, name), {
+            "env_id": self.args.env_id, "n_actions": run.n_actions, "hidden_sizes": list(self.args.hidden_sizes),
+            "model": run.q_network.state_dict(), "global_step": run.global_step})
+
+    def eval_video(self, global_step: int) -> Optional[str]:
+        if not self.args.capture_video:
+            return None
+        os.makedirs(os.path.join(self.run_dir, "videos"), exist_ok=True)
+        return os.path.join(self.run_dir, "videos", f"eval_step{global_step}.mp4")
+
+
+def restore(run: RunState, checkpoint: dict, args: Args) -> None:
     try:
-        env = gym.make(env_id)
-    except gym.error.Error as e:
-        matches = difflib.get_close_matches(env_id, gym.registry.keys(), n=3)
-        fail(f"unknown --env-id {env_id!r} ({e}); close matches: {', '.join(matches) or 'none'}")
-    obs_space, act_space = env.observation_space, env.action_space
-    env.close()
-    if not isinstance(act_space, gym.spaces.Discrete):
-        fail(f"--env-id {env_id} has action space {act_space}; this DQN needs Discrete actions")
-    if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
-        fail(f"--env-id {env_id} has observation space {obs_space}; this script needs a flat Box (use dqn_atari.py)")
-    return obs_space.shape[0], int(act_space.n)
-
-
-def linear_schedule(start_e: float, end_e: float, duration: int, t: int) -> float:
-    """start_e at t = 0, end_e from t = duration on, linear in between (either direction)."""
-    if t >= duration:
-        return end_e
-    return start_e + (end_e - start_e) * t / duration
-
-
-def crossed(global_step: int, num_envs: int, frequency: int) -> bool:
-    """Whether the last vector step (num_envs env steps) passed a multiple of `frequency` (0: never)."""
-    return frequency > 0 and global_step // frequency > (global_step - num_envs) // frequency
-
-
-class QNetwork(nn.Module):
-    def __init__(self, obs_dim: int, n_actions: int, hidden_sizes: tuple[int, ...]):
-        super().__init__()
-        layers, width = [], obs_dim
-        for hidden in hidden_sizes:
-            layers += [nn.Linear(width, hidden), nn.ReLU()]
-            width = hidden
-        self.network = nn.Sequential(*layers, nn.Linear(width, n_actions))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.network(x)  # (B, obs_dim) -> (B, n_actions)
-
-
-def compute_td_target(target_network: nn.Module, rewards: torch.Tensor, next_observations: torch.Tensor,
-                      dones: torch.Tensor, gamma: float) -> torch.Tensor:
-    """y = r + gamma * max_a' Q_target(s', a'), cut at a true termination (Mnih et al. 2015, Algorithm 1)."""
-    with torch.no_grad():
-        target_max = target_network(next_observations).max(dim=1).values  # (B,)
-        return rewards + gamma * target_max * (1 - dones)
-
-
-def update_target(target_network: nn.Module, q_network: nn.Module, tau: float) -> None:
-    """theta_target <- tau * theta + (1 - tau) * theta_target; tau = 1 is the paper's hard copy."""
-    with torch.no_grad():
-        for target_param, param in zip(target_network.parameters(), q_network.parameters()):
-            target_param.copy_(param) if tau == 1.0 else target_param.lerp_(param, tau)
-
-
-def train_step(q_network: nn.Module, target_network: nn.Module, optimizer: torch.optim.Optimizer, data: "Batch",
-               gamma: float) -> torch.Tensor:
-    """One gradient step on a batch; returns (td_loss, mean Q) as a (2,) tensor on the device, without a host sync."""
-    td_target = compute_td_target(target_network, data.rewards, data.next_observations, data.dones, gamma)
-    old_val = q_network(data.observations).gather(1, data.actions[:, None]).squeeze(1)  # Q(s, a), (B,)
-    loss = F.mse_loss(td_target, old_val)
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-    return torch.stack((loss.detach(), old_val.detach().mean()))
-
-
-class Batch(NamedTuple):
-    observations: torch.Tensor  # (B, obs_dim) float32
-    actions: torch.Tensor  # (B,) int64
-    rewards: torch.Tensor  # (B,) float32
-    next_observations: torch.Tensor  # (B, obs_dim) float32
-    dones: torch.Tensor  # (B,) float32, 1 only for a true termination (truncation bootstraps)
-
-
-class ReplayBuffer:
-    """Preallocated ring buffer on `device`, one float32 row per transition: [obs, next_obs, action, reward, done].
-
-    One row per transition makes an add one slice write and a sample one gather (no deque of tuples). A flat
-    observation is a few floats, so storing next_obs beside obs is cheaper than rebuilding it and keeps the real final
-    observation of a truncated episode (NEXT_STEP autoreset replaces it in the env's next obs).
-    """
-
-    def __init__(self, capacity: int, obs_dim: int, device: torch.device):
-        self.capacity, self.obs_dim, self.device, self.pos, self.size = capacity, obs_dim, device, 0, 0
-        self.rows = torch.zeros((capacity, 2 * obs_dim + 3), dtype=torch.float32, device=device)
-
-    def add(self, obs: np.ndarray, next_obs: np.ndarray, actions: np.ndarray, rewards: np.ndarray, dones: np.ndarray):
-        """Adds k transitions (numpy arrays with a leading k axis), overwriting the oldest once full."""
-        rows = np.concatenate([obs, next_obs, np.stack([actions, rewards, dones], axis=1)], axis=1, dtype=np.float32)
-        rows = torch.from_numpy(rows).to(self.device)
-        k = len(rows)
-        first = min(k, self.capacity - self.pos)  # rows that fit before the ring wraps; the rest go to the front
-        self.rows[self.pos : self.pos + first] = rows[:first]
-        self.rows[: k - first] = rows[first:]
-        self.pos = (self.pos + k) % self.capacity
-        self.size = min(self.size + k, self.capacity)
-
-    def sample(self, batch_size: int) -> Batch:
-        rows = self.rows[torch.randint(self.size, (batch_size,), device=self.device)]  # (B, 2 * obs_dim + 3)
-        d = self.obs_dim
-        return Batch(rows[:, :d], rows[:, -3].long(), rows[:, -2], rows[:, d : 2 * d], rows[:, -1])
-
-    def state_dict(self) -> dict:
-        return {"pos": self.pos, "size": self.size, "rows": self.rows.cpu()}
-
-    def load_state_dict(self, state: Optional[dict]) -> None:
-        if not isinstance(state, dict) or getattr(state.get("rows"), "shape", None) != self.rows.shape:
-            fail("the checkpoint's replay buffer has another --buffer-size or observation size; resume with the same")
-        self.rows.copy_(state["rows"])
-        self.pos, self.size = state["pos"], state["size"]
+        run.load_state_dict(checkpoint, args.resume)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        fail(f"{args.resume!r} is not a complete checkpoint of this script ({type(e).__name__}: {e})")
 
 
 def save_checkpoint(path: str, state: dict) -> None:
@@ -283,10 +511,11 @@ def save_checkpoint(path: str, state: dict) -> None:
         os.close(dir_fd)
 
 
-def load_checkpoint(path: str, env_id: str, n_actions: int, bare_ok: bool = False) -> dict:
+def load_checkpoint(path: str, env_id: str, n_actions: int, play: bool = False) -> dict:
     """Loads with weights_only=True (no code runs from the file) and fails clearly on a wrong or broken file.
-    bare_ok (--play): a bare q_network.state_dict() is a model too, as CleanRL saves (.cleanrl_model) and publishes
-    (q_network.pth) them; its action count is read from its last layer."""
+    --resume needs a checkpoint; for --play a model is enough, and a bare q_network.state_dict() is a model too, as
+    CleanRL saves (.cleanrl_model) and publishes (q_network.pth) them; its action count and hidden widths are read
+    from its layers."""
     if not os.path.isfile(path):
         fail(f"{path!r} does not exist")
     try:
@@ -296,7 +525,7 @@ def load_checkpoint(path: str, env_id: str, n_actions: int, bare_ok: bool = Fals
              f"loading refuses ({type(e).__name__})")
     weights = [v for k, v in state.items() if k.endswith(".weight")] if isinstance(state, dict) else []
     if weights and all(isinstance(v, torch.Tensor) for v in state.values()):
-        if not bare_ok:
+        if not play:
             fail(f"{path!r} is a saved model, not a checkpoint; use --play to evaluate it")
         if weights[-1].shape[0] != n_actions:
             fail(f"{path!r} holds a network with {weights[-1].shape[0]} actions, but {env_id} has {n_actions}; "
@@ -308,6 +537,8 @@ def load_checkpoint(path: str, env_id: str, n_actions: int, bare_ok: bool = Fals
     if state["env_id"] != env_id or state["n_actions"] != n_actions:
         fail(f"{path!r} was trained on {state['env_id']} ({state['n_actions']} actions), not {env_id} "
              f"({n_actions} actions); pass --env-id {state['env_id']}")
+    if not play and "optimizer" not in state:
+        fail(f"{path!r} is a saved model, not a checkpoint; use --play to evaluate it")
     return state
 
 
@@ -329,6 +560,14 @@ def load_weights(module: nn.Module, state_dict: dict, path: str) -> None:
         fail(f"{path!r} holds another network ({reason[:100]}); use the script and flags it was trained with")
 
 
+def headless_video() -> None:
+    """Videos draw on an off-screen pygame Surface (render_mode="rgb_array"), yet gymnasium starts SDL's video
+    subsystem first, whose Wayland probe prints "error: XDG_RUNTIME_DIR is invalid or not set in the environment."
+    on a machine without a session, a line users read as ours. SDL's dummy driver opens no display and draws the
+    same frames; an SDL_VIDEODRIVER the user set is kept."""
+    os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+
+
 def write_video(path: str, frames: list[np.ndarray], fps: int = 30) -> None:
     """MP4 through OpenCV (no moviepy); frames are RGB uint8 (H, W, 3)."""
     height, width = frames[0].shape[:2]
@@ -338,250 +577,178 @@ def write_video(path: str, frames: list[np.ndarray], fps: int = 30) -> None:
     writer.release()
 
 
-def evaluate(q_network: nn.Module, env_id: str, episodes: int, epsilon: float, seed: int, device: torch.device,
-             video_path: Optional[str] = None, stop: Callable[[], bool] = lambda: False) -> np.ndarray:
-    """Plays `episodes` episodes at once, one per env (so long episodes are not under-counted); returns their returns.
+class Log:
+    """Where a run reports: TensorBoard (CleanRL's tags; synced to W&B with --track), the terminal (a progress line
+    on a tty), the best model, and runs/{run_name}/summary.json, written for programs when the run ends however it
+    ends (completed, goal reached, a signal, a non-finite loss)."""
 
-    `stop()` true ends the evaluation early (a signal arrived); the returns are then incomplete.
-    """
-    envs = gym.vector.SyncVectorEnv([make_env(env_id, seed + i, render=video_path is not None and i == 0)
-                                     for i in range(episodes)])
-    rng = np.random.default_rng(seed)
-    obs, _ = envs.reset(seed=seed)
-    returns, finished, frames = np.zeros(episodes), np.zeros(episodes, dtype=bool), []
-    while not finished.all() and not stop():
-        if video_path is not None and not finished[0]:
-            frames.append(envs.envs[0].render())
-        with torch.inference_mode():
-            q_values = q_network(torch.as_tensor(obs, dtype=torch.float32, device=device))
-        actions = q_values.argmax(dim=1).cpu().numpy()  # sync point: the env needs host actions
-        actions = np.where(rng.random(episodes) < epsilon, rng.integers(envs.single_action_space.n, size=episodes),
-                           actions)
-        obs, rewards, terminations, truncations, _ = envs.step(actions)
-        returns += rewards * ~finished  # an env that already finished has autoreset: ignore its new episode
-        finished |= terminations | truncations
-    envs.close()
-    if video_path is not None:
-        write_video(video_path, frames)
-    return returns
+    def __init__(self, args: Args, files: RunFiles, run: RunState, resumed: bool):
+        self.args, self.files, self.run = args, files, run
+        files.create()
+        if args.track:
+            import wandb
+
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, group=args.wandb_group,
+                       sync_tensorboard=True, config=vars(args), name=files.run_name, id=files.run_name,
+                       resume="allow", dir=files.run_dir, save_code=True)
+        self.writer = SummaryWriter(files.run_dir, purge_step=run.global_step if resumed else None)
+        self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % (
+            "\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])))
+        if resumed:
+            print(f"resumed {files.run_name} at step {run.global_step} from {args.resume}")
+        self.episode_returns = np.zeros(args.num_envs)
+        self.episode_lengths = np.zeros(args.num_envs, dtype=np.int64)
+        self.recent_returns: list[float] = []  # the last 10 episodes' returns, for the progress line
+        self.update_stats = torch.zeros((LOG_EVERY, 2), device=run.device)  # (td_loss, mean Q) per update
+        self.update_steps = [0] * LOG_EVERY  # the env step of each of those updates
+        self.start_time, self.start_step, self.last_print, self.eval_seconds = time.time(), run.global_step, 0.0, 0.0
+        self.goal_reached_step: Optional[int] = None  # when the eval mean reached --goal-score, in this process
+        self.goal_reached_s: Optional[float] = None
+        self.is_tty = sys.stderr.isatty()
+
+    def sps(self) -> float:
+        return (self.run.global_step - self.start_step) / max(time.time() - self.start_time, 1e-9)
+
+    def episodes(self, rewards: np.ndarray, is_transition: np.ndarray, ended: np.ndarray) -> None:
+        """Adds a step's rewards to each env's episode; logs the return and length of each episode that ended."""
+        self.episode_returns[is_transition] += rewards[is_transition]
+        self.episode_lengths[is_transition] += 1
+        for i in np.flatnonzero(ended):
+            self.recent_returns = (self.recent_returns + [float(self.episode_returns[i])])[-10:]
+            self.writer.add_scalar("charts/episodic_return", self.episode_returns[i], self.run.global_step)
+            self.writer.add_scalar("charts/episodic_length", self.episode_lengths[i], self.run.global_step)
+            self.episode_returns[i], self.episode_lengths[i] = 0, 0
+
+    def update(self, stats: torch.Tensor, step: int) -> None:
+        """Keeps one update's (td_loss, mean Q) on the device, read every LOG_EVERY updates."""
+        self.update_stats[self.run.n_updates % LOG_EVERY] = stats
+        self.update_steps[self.run.n_updates % LOG_EVERY] = step
+
+    def updates_finite(self, step: int, epsilon: float) -> bool:
+        """Reads the last LOG_EVERY updates' stats (one host sync) and logs them; False if any is not finite."""
+        stats = self.update_stats.cpu().numpy()
+        if not np.isfinite(stats).all():
+            self.bad_step = self.update_steps[int(np.flatnonzero(~np.isfinite(stats).all(axis=1))[0])]
+            return False
+        self.writer.add_scalar("losses/td_loss", stats[:, 0].mean(), step)
+        self.writer.add_scalar("losses/q_values", stats[:, 1].mean(), step)
+        self.writer.add_scalar("charts/SPS", int(self.sps()), step)
+        self.writer.add_scalar("charts/epsilon", epsilon, step)
+        return True
+
+    def evaluation(self, returns: np.ndarray, seconds: float) -> None:
+        step = self.run.global_step
+        self.eval_seconds += seconds
+        self.writer.add_scalar("eval/episodic_return", returns.mean(), step)
+        print(("\n" if self.is_tty else "") + f"step {step}: eval return {returns.mean():.2f} +- {returns.std():.2f}")
+        self.run.last_eval = float(returns.mean())
+        if returns.mean() > self.run.best_eval:
+            self.run.best_eval = float(returns.mean())
+            self.files.save_model("best_model.pt", self.run)
+
+    def goal_reached(self, eval_mean: float) -> None:
+        self.goal_reached_step, self.goal_reached_s = self.run.global_step, time.time() - self.start_time
+        print(f"goal reached: eval mean {eval_mean:.2f} >= {self.args.goal_score} at step {self.goal_reached_step} "
+              f"after {self.goal_reached_s:.1f}s")
+
+    def progress(self, epsilon: float) -> None:
+        if not self.is_tty or time.time() - self.last_print <= 0.5:
+            return
+        self.last_print, sps, run = time.time(), self.sps(), self.run
+        recent = f"{np.mean(self.recent_returns):.1f}" if self.recent_returns else "-"
+        print(f"\r{run.global_step:>9,}/{self.args.total_timesteps:,} steps | {sps:,.0f} SPS | "
+              f"ETA {(self.args.total_timesteps - run.global_step) / max(sps, 1e-9) / 60:.1f} min | "
+              f"return(10) {recent} | eps {epsilon:.3f}   ", end="", file=sys.stderr, flush=True)
+
+    def summary(self, stop_reason: str) -> None:
+        """runs/{run_name}/summary.json: what a program needs from a run, without parsing printed lines."""
+        run, wall_s = self.run, time.time() - self.start_time
+        steps = run.global_step - self.start_step
+        summary = {"run_name": self.files.run_name, "script": os.path.basename(__file__), "env_id": self.args.env_id,
+                   "stop_reason": stop_reason, "env_steps": run.global_step, "gradient_updates": run.n_updates,
+                   "target_syncs": run.n_target_syncs, "env_steps_this_process": steps, "wall_s": wall_s,
+                   "training_sps": steps / max(wall_s - self.eval_seconds, 1e-9),
+                   "best_eval_return": run.best_eval if run.best_eval > -float("inf") else None,
+                   "final_eval_return": run.last_eval, "checkpoint": self.files.checkpoint,
+                   "resumed_from": self.args.resume, "args": asdict(self.args),
+                   # --goal-score: the step and the seconds (wall_s's clock, as the printed line) it was reached at
+                   "goal_score": self.args.goal_score, "goal_reached_step": self.goal_reached_step,
+                   "goal_reached_s": self.goal_reached_s}
+        path = os.path.join(self.files.run_dir, "summary.json")
+        with open(f"{path}.tmp{os.getpid()}", "w") as f:
+            json.dump(summary, f, indent=1)
+        os.replace(f"{path}.tmp{os.getpid()}", path)
+
+    def finish(self, rb: ReplayBuffer, signum: Optional[int]) -> None:
+        """The end of a run (completed, goal reached, or stopped by a signal): checkpoint, CleanRL's model file,
+        summary."""
+        run, files = self.run, self.files
+        if self.is_tty:
+            print(file=sys.stderr)
+        save_checkpoint(files.checkpoint, files.checkpoint_state(run, rb))
+        if self.args.save_model:  # as CleanRL writes it: a bare q_network.state_dict(), which its dqn_eval loads
+            model_path = os.path.join(files.run_dir, f"{self.args.exp_name}.cleanrl_model")
+            save_checkpoint(model_path, run.q_network.state_dict())
+            print(f"model saved to {model_path}")
+        self.writer.close()
+        if signum is not None:
+            self.summary(f"signal {signal.Signals(signum).name}")
+        else:
+            self.summary("completed" if self.goal_reached_step is None else "goal reached")
+        print(f"finished {files.run_name}: {run.global_step} steps, {run.n_updates} gradient updates, "
+              f"{run.n_target_syncs} target syncs in {time.time() - self.start_time:.1f}s; best eval return "
+              f"{run.best_eval:.2f}")
+        if signum is not None:
+            print(f"stopped by signal {signum} at step {run.global_step}; resume with --resume {files.checkpoint}",
+                  file=sys.stderr)
+            raise SystemExit(128 + signum)
 
 
-def main(args: Args) -> None:
-    validate_args(args)
-    obs_dim, n_actions = check_env(args.env_id)
-    checkpoint = None
-    if args.resume:
-        checkpoint = load_checkpoint(args.resume, args.env_id, n_actions)
-        if "optimizer" not in checkpoint:
-            fail(f"{args.resume!r} is a saved model, not a checkpoint; use --play to evaluate it")
-    if args.cuda and not torch.cuda.is_available():
-        print("warning: --cuda is on (the default) but CUDA is not available; running on the CPU "
-              "(--no-cuda silences this)", file=sys.stderr)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
+def stop_non_finite(run: RunState, rb: ReplayBuffer, log: Log, last_finite: dict) -> NoReturn:
+    """A NaN or inf loss or Q-value: keep the last finite learner state in the checkpoint, say so, exit 1."""
+    checkpoint = log.files.checkpoint
+    save_checkpoint(checkpoint, {**log.files.checkpoint_state(run, rb), **last_finite})
+    log.writer.close()
+    log.summary(f"non-finite loss at step {log.bad_step}")
+    print(f"error: non-finite TD loss or Q-values at env step {log.bad_step}; the last good state (step "
+          f"{last_finite['global_step']}) is saved in {checkpoint}; lower --learning-rate or check the rewards",
+          file=sys.stderr)
+    raise SystemExit(1)
 
-    if args.play:
-        state = load_checkpoint(args.play, args.env_id, n_actions, bare_ok=True)
-        q_network = QNetwork(obs_dim, n_actions, tuple(state["hidden_sizes"])).to(device)
-        load_weights(q_network, state["model"], args.play)
-        video_path = None
-        if args.capture_video:
-            os.makedirs("videos", exist_ok=True)
-            video_path = os.path.join("videos", f"play__{args.env_id.replace('/', '-')}__{args.seed}.mp4")
-        returns = evaluate(q_network, args.env_id, args.eval_episodes, args.eval_epsilon, args.seed, device,
-                           video_path)
-        print(f"{args.eval_episodes} episodes of {args.play}: mean return {returns.mean():.2f} +- {returns.std():.2f}"
-              f" (min {returns.min():.1f}, max {returns.max():.1f})" + (f"; video: {video_path}" if video_path else ""))
-        return
 
-    run_name = (args.run_name or (checkpoint or {}).get("run_name")
-                or f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}")
-    run_dir = os.path.join("runs", run_name)
-    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
-    if not checkpoint and os.path.exists(checkpoint_path):  # never overwrite a run's checkpoint with a new run
-        fail(f"{run_dir} already holds a run; continue it with --resume {checkpoint_path} or pass another --run-name")
-    check_writable(run_dir)
+class StopOnSignal:
+    """SIGINT/SIGTERM end the training loop at the next step (the run then checkpoints and exits 128 + signal); a
+    second signal kills at once (checkpoint writes are atomic). True once a signal has arrived."""
 
-    # ALGO LOGIC: initialize agent here:
-    q_network = QNetwork(obs_dim, n_actions, args.hidden_sizes).to(device)
-    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, fused=True)
-    target_network = QNetwork(obs_dim, n_actions, args.hidden_sizes).to(device)
-    target_network.load_state_dict(q_network.state_dict())
-    rng = np.random.default_rng(args.seed)  # exploration; its state is checkpointed
+    def __enter__(self) -> "StopOnSignal":
+        self.signum: Optional[int] = None
+        self.previous = {s: signal.signal(s, self.request) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
 
-    global_step, n_updates, n_target_syncs, best_eval = 0, 0, 0, -float("inf")
-    if checkpoint:
-        try:
-            load_weights(q_network, checkpoint["model"], args.resume)
-            load_weights(target_network, checkpoint["target_model"], args.resume)
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            rng.bit_generator.state = checkpoint["numpy_rng"]
-            torch.set_rng_state(checkpoint["torch_rng"])
-            global_step, n_updates = checkpoint["global_step"], checkpoint["n_updates"]
-            n_target_syncs, best_eval = checkpoint["n_target_syncs"], checkpoint["best_eval"]
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            fail(f"{args.resume!r} is not a complete checkpoint of this script ({type(e).__name__}: {e})")
-    rb = ReplayBuffer(args.buffer_size, obs_dim, device)
-    if checkpoint:
-        rb.load_state_dict(checkpoint.get("replay_buffer"))
-
-    os.makedirs(run_dir, exist_ok=True)
-    for stale in glob.glob(f"{checkpoint_path}.tmp*"):  # left by a process killed while writing a checkpoint
-        os.remove(stale)
-    if args.track:
-        import wandb
-
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, group=args.wandb_group,
-                   sync_tensorboard=True, config=vars(args), name=run_name, id=run_name, resume="allow",
-                   dir=run_dir, save_code=True)
-    writer = SummaryWriter(run_dir, purge_step=checkpoint["global_step"] if checkpoint else None)
-    writer.add_text("hyperparameters",
-                    "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])))
-    if checkpoint:
-        print(f"resumed {run_name} at step {global_step} from {args.resume}")
-
-    def good_fields() -> dict:
-        return {"model": q_network.state_dict(), "target_model": target_network.state_dict(),
-                "optimizer": optimizer.state_dict(), "global_step": global_step, "n_updates": n_updates,
-                "n_target_syncs": n_target_syncs}
-
-    def training_state() -> dict:
-        return {"env_id": args.env_id, "n_actions": n_actions, "hidden_sizes": list(args.hidden_sizes),
-                "run_name": run_name, "args": asdict(args), **good_fields(), "replay_buffer": rb.state_dict(),
-                "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "best_eval": best_eval}
-
-    def save_model(path: str) -> None:
-        save_checkpoint(path, {"env_id": args.env_id, "n_actions": n_actions, "hidden_sizes": list(args.hidden_sizes),
-                               "model": q_network.state_dict(), "global_step": global_step})
-
-    # SIGINT/SIGTERM end the loop at the next step; a second signal kills at once (checkpoint writes are atomic).
-    stop_signal = []
-
-    def request_stop(signum, frame):
-        stop_signal.append(signum)
+    def request(self, signum, frame) -> None:
+        self.signum = signum
         signal.signal(signum, signal.SIG_DFL)
 
-    previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    def __bool__(self) -> bool:
+        return self.signum is not None
 
-    envs = gym.vector.SyncVectorEnv([make_env(args.env_id, args.seed + global_step + i) for i in range(args.num_envs)])
-    obs, _ = envs.reset(seed=args.seed + global_step)
-    autoreset = np.zeros(args.num_envs, dtype=bool)  # True where the next step is NEXT_STEP's reset step
-    episode_returns, episode_lengths = np.zeros(args.num_envs), np.zeros(args.num_envs, dtype=np.int64)
-    recent_returns: list[float] = []
-    update_stats = torch.zeros((LOG_EVERY, 2), device=device)  # (td_loss, mean Q) per update, read every LOG_EVERY
-    update_steps = [0] * LOG_EVERY  # the env step of each of those updates
-    good_state = copy.deepcopy(good_fields())  # the last learner state whose losses were all finite
-    start_time, start_step, last_print = time.time(), global_step, 0.0
-    is_tty = sys.stderr.isatty()
-    while global_step < args.total_timesteps and not stop_signal:
-        # ALGO LOGIC: put action logic here
-        epsilon = linear_schedule(args.start_e, args.end_e, int(args.exploration_fraction * args.total_timesteps),
-                                  global_step)
-        explore = rng.random(args.num_envs) < epsilon
-        actions = rng.integers(n_actions, size=args.num_envs)
-        if not explore.all():
-            with torch.inference_mode():
-                q_values = q_network(torch.as_tensor(obs, device=device))
-            actions = np.where(explore, actions, q_values.argmax(dim=1).cpu().numpy())  # sync point: host actions
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
-        # TRY NOT TO MODIFY: execute the game and log data.
-        next_obs, rewards, terminations, truncations, _ = envs.step(actions)
-        real = ~autoreset  # a reset step (action ignored, reward 0) is not a transition
-        episode_returns[real] += rewards[real]
-        episode_lengths[real] += 1
-        for i in np.flatnonzero(real & (terminations | truncations)):
-            recent_returns = (recent_returns + [float(episode_returns[i])])[-10:]
-            writer.add_scalar("charts/episodic_return", episode_returns[i], global_step)
-            writer.add_scalar("charts/episodic_length", episode_lengths[i], global_step)
-            episode_returns[i], episode_lengths[i] = 0, 0
 
-        # NEXT_STEP autoreset: next_obs of an ended episode is its real final observation, so a truncation bootstraps
-        # from it and only `terminations` are stored as dones.
-        rb.add(obs[real], next_obs[real], actions[real], rewards[real], terminations[real])
-        autoreset = terminations | truncations
-        obs = next_obs
-        global_step += args.num_envs
-
-        # ALGO LOGIC: training. Visit every env step this vector step covered, so that updates per env step stay
-        # 1/train_frequency and target syncs every target_network_frequency steps whatever num_envs is.
-        for step in range(global_step - args.num_envs + 1, global_step + 1):
-            if step <= args.learning_starts:
-                continue
-            if step % args.train_frequency == 0:
-                data = rb.sample(args.batch_size)
-                update_stats[n_updates % LOG_EVERY] = train_step(q_network, target_network, optimizer, data,
-                                                                 args.gamma)
-                update_steps[n_updates % LOG_EVERY] = step
-                n_updates += 1
-                if n_updates % LOG_EVERY == 0:
-                    stats = update_stats.cpu().numpy()  # sync point: once per LOG_EVERY updates
-                    if not np.isfinite(stats).all():
-                        bad_step = update_steps[int(np.flatnonzero(~np.isfinite(stats).all(axis=1))[0])]
-                        save_checkpoint(checkpoint_path, {**training_state(), **good_state})
-                        writer.close()
-                        print(f"error: non-finite TD loss or Q-values at env step {bad_step}; the last good state "
-                              f"(step {good_state['global_step']}) is saved in {checkpoint_path}; lower "
-                              "--learning-rate or check the rewards", file=sys.stderr)
-                        raise SystemExit(1)
-                    good_state = copy.deepcopy(good_fields())
-                    writer.add_scalar("losses/td_loss", stats[:, 0].mean(), step)
-                    writer.add_scalar("losses/q_values", stats[:, 1].mean(), step)
-                    sps = int((global_step - start_step) / (time.time() - start_time))
-                    writer.add_scalar("charts/SPS", sps, step)
-                    writer.add_scalar("charts/epsilon", epsilon, step)
-            if step % args.target_network_frequency == 0:
-                update_target(target_network, q_network, args.tau)
-                n_target_syncs += 1
-
-        done_training = global_step >= args.total_timesteps
-        if crossed(global_step, args.num_envs, args.eval_frequency) or done_training:
-            video_path = None
-            if args.capture_video:
-                os.makedirs(os.path.join(run_dir, "videos"), exist_ok=True)
-                video_path = os.path.join(run_dir, "videos", f"eval_step{global_step}.mp4")
-            returns = evaluate(q_network, args.env_id, args.eval_episodes, args.eval_epsilon,
-                               args.seed + 1_000_000 + global_step, device, video_path,
-                               stop=lambda: bool(stop_signal))
-            if stop_signal:  # a signal cut the evaluation short: stop without logging it
-                break
-            writer.add_scalar("eval/episodic_return", returns.mean(), global_step)
-            print(("\n" if is_tty else "")
-                  + f"step {global_step}: eval return {returns.mean():.2f} +- {returns.std():.2f}")
-            if returns.mean() > best_eval:
-                best_eval = float(returns.mean())
-                save_model(os.path.join(run_dir, "best_model.pt"))
-            if args.goal_score is not None and returns.mean() >= args.goal_score:
-                print(f"goal reached: eval mean {returns.mean():.2f} >= {args.goal_score} at step {global_step} "
-                      f"after {time.time() - start_time:.1f}s")
-                break
-        if crossed(global_step, args.num_envs, args.checkpoint_frequency):
-            save_checkpoint(checkpoint_path, training_state())
-        if is_tty and time.time() - last_print > 0.5:
-            last_print = time.time()
-            sps = (global_step - start_step) / (last_print - start_time)
-            recent = f"{np.mean(recent_returns):.1f}" if recent_returns else "-"
-            print(f"\r{global_step:>9,}/{args.total_timesteps:,} steps | {sps:,.0f} SPS | "
-                  f"ETA {(args.total_timesteps - global_step) / max(sps, 1e-9) / 60:.1f} min | "
-                  f"return(10) {recent} | eps {epsilon:.3f}   ", end="", file=sys.stderr, flush=True)
-
-    envs.close()
-    for signum, handler in previous_handlers.items():
-        signal.signal(signum, handler)
-    if is_tty:
-        print(file=sys.stderr)
-    save_checkpoint(checkpoint_path, training_state())
-    if args.save_model:  # as CleanRL writes it: a bare q_network.state_dict(), which its QNetwork and dqn_eval load
-        model_path = os.path.join(run_dir, f"{args.exp_name}.cleanrl_model")
-        save_checkpoint(model_path, q_network.state_dict())
-        print(f"model saved to {model_path}")
-    writer.close()
-    print(f"finished {run_name}: {global_step} steps, {n_updates} gradient updates, {n_target_syncs} target syncs "
-          f"in {time.time() - start_time:.1f}s; best eval return {best_eval:.2f}")
-    if stop_signal:
-        print(f"stopped by signal {stop_signal[0]} at step {global_step}; resume with --resume {checkpoint_path}",
-              file=sys.stderr)
-        raise SystemExit(128 + stop_signal[0])
+def play(args: Args, obs_dim: int, n_actions: int, device: torch.device) -> None:
+    """--play: evaluate a saved model (ours, a checkpoint, or a bare state_dict as CleanRL saves and publishes)."""
+    state = load_checkpoint(args.play, args.env_id, n_actions, play=True)
+    q_network = QNetwork(obs_dim, n_actions, tuple(state["hidden_sizes"])).to(device)
+    load_weights(q_network, state["model"], args.play)
+    video_path = None
+    if args.capture_video:
+        os.makedirs("videos", exist_ok=True)
+        video_path = os.path.join("videos", f"play__{args.env_id.replace('/', '-')}__{args.seed}.mp4")
+    returns = evaluate(q_network, args.env_id, args.eval_episodes, args.eval_epsilon, args.seed, device, video_path)
+    print(f"{args.eval_episodes} episodes of {args.play}: mean return {returns.mean():.2f} +- {returns.std():.2f}"
+          f" (min {returns.min():.1f}, max {returns.max():.1f})" + (f"; video: {video_path}" if video_path else ""))
 
 
 if __name__ == "__main__":

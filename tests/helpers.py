@@ -2,8 +2,8 @@
 
 import functools
 import importlib.util
+import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -33,11 +33,18 @@ def run_script(name: str, *args, cwd, timeout: float = 600, env: dict | None = N
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
-def finished_counts(stdout: str) -> dict:
-    """Parses the scripts' closing line: 'finished NAME: S steps, U gradient updates, T target syncs ...'."""
-    m = re.search(r"finished \S+: (\d+) steps, (\d+) gradient updates, (\d+) target syncs", stdout)
-    assert m, f"no closing line in output:\n{stdout}"
-    return dict(zip(["steps", "updates", "target_syncs"], map(int, m.groups())))
+def read_summary(run_dir) -> dict:
+    """runs/{run}/summary.json, which every run leaves when it ends (completed, a signal, a non-finite loss)."""
+    path = Path(run_dir) / "summary.json"
+    assert path.exists(), f"no {path}"
+    return json.loads(path.read_text())
+
+
+def finished_counts(run_dir) -> dict:
+    """Env steps, gradient updates and target syncs of a run, from its summary.json."""
+    summary = read_summary(run_dir)
+    return {"steps": summary["env_steps"], "updates": summary["gradient_updates"],
+            "target_syncs": summary["target_syncs"]}
 
 
 def read_scalars(run_dir, tag: str) -> list[tuple[int, float]]:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import finished_counts, load_script, read_scalars, run_script
+from helpers import finished_counts, load_script, read_scalars, read_summary, run_script
 
 ATARI = ["dqn_atari", "dqn_atari_dueling_per"]
 
@@ -363,11 +363,18 @@ SMOKE = ["--learning-starts", 400, "--total-timesteps", 1200, "--buffer-size", 8
 def test_smoke_run_updates_and_syncs(script, tmp_path):
     result = run_script(script, *SMOKE, "--run-name", "smoke", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert finished_counts(result.stdout) == {"steps": 1200, "updates": 200, "target_syncs": 4}
+    assert finished_counts(tmp_path / "runs/smoke") == {"steps": 1200, "updates": 200, "target_syncs": 4}
     run_dir = tmp_path / "runs/smoke"
     assert len(read_scalars(run_dir, "losses/td_loss")) == 2
     assert len(read_scalars(run_dir, "eval/avg_max_q")) == 1 and len(read_scalars(run_dir, "eval/td_error")) == 1
     assert read_scalars(run_dir, "charts/episodic_return")
+    # summary.json: what a program reads from a run, consistent with its TensorBoard events
+    summary = read_summary(run_dir)
+    (eval_step, eval_return), = read_scalars(run_dir, "eval/episodic_return")
+    assert summary["stop_reason"] == "completed" and summary["run_name"] == "smoke" and eval_step == 1200
+    assert summary["final_eval_return"] == summary["best_eval_return"] == pytest.approx(eval_return)
+    assert summary["env_steps_this_process"] == 1200 and summary["training_sps"] > 0 and summary["wall_s"] > 0
+    assert summary["args"]["total_timesteps"] == 1200 and summary["script"] == f"{script}.py"
     if script == "dqn_atari_dueling_per":  # the importance-sampling exponent anneals from beta0 towards 1
         beta = [v for _, v in read_scalars(run_dir, "charts/beta")]
         assert beta == sorted(beta) and 0.4 < beta[0] < beta[-1] < 1
@@ -379,7 +386,7 @@ def test_cleanrl_smoke_flags(script, tmp_path, save_model):
     result = run_script(script, *flags, *(["--save-model"] if save_model else []), "--run-name", "tiny",
                         "--eval-episodes", 1, "--max-episode-frames", 400, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert finished_counts(result.stdout)["updates"] == 2
+    assert finished_counts(tmp_path / "runs/tiny")["updates"] == 2
     assert (tmp_path / f"runs/tiny/{script}.cleanrl_model").exists() == save_model
 
 
@@ -421,4 +428,4 @@ def test_cuda_smoke_run(script, tmp_path):
     result = run_script(script, *SMOKE, "--cuda", "--run-name", "smoke", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "learner on cuda" in result.stdout
-    assert finished_counts(result.stdout) == {"steps": 1200, "updates": 200, "target_syncs": 4}
+    assert finished_counts(tmp_path / "runs/smoke") == {"steps": 1200, "updates": 200, "target_syncs": 4}

@@ -4,6 +4,8 @@ learning and play mode. (Bad input, faults and resume for all scripts: test_reli
 import os
 import pty
 import select
+import subprocess
+import sys
 import time
 
 import cv2
@@ -12,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import finished_counts, load_script, read_scalars, read_tags, run_script
+from helpers import ROOT, finished_counts, load_script, read_scalars, read_tags, run_script
 
 dqn = load_script("dqn_cartpole")
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -54,10 +56,10 @@ def test_linear_schedule_endpoints():
     assert dqn.linear_schedule(1.0, 0.05, 0, 0) == 0.05  # a schedule shorter than one step (tiny runs) is done
 
 
-def test_crossed_counts_each_multiple_once_whatever_num_envs():
-    assert [s for s in range(1, 31) if dqn.crossed(s, 1, 10)] == [10, 20, 30]
-    assert [s for s in range(4, 41, 4) if dqn.crossed(s, 4, 10)] == [12, 20, 32, 40]
-    assert not any(dqn.crossed(s, 1, 0) for s in range(1, 50))
+def test_passed_multiple_counts_each_multiple_once_whatever_num_envs():
+    assert [s for s in range(1, 31) if dqn.passed_multiple(10, s, 1)] == [10, 20, 30]
+    assert [s for s in range(4, 41, 4) if dqn.passed_multiple(10, s, 4)] == [12, 20, 32, 40]
+    assert not any(dqn.passed_multiple(0, s, 1) for s in range(1, 50))
 
 
 def test_td_target_matches_hand_computation():
@@ -149,7 +151,7 @@ SMOKE = ["--total-timesteps", 600, "--learning-starts", 100, "--eval-frequency",
 def test_smoke_run_updates_syncs_and_logs(tmp_path):
     result = run_script("dqn_cartpole", *SMOKE, "--run-name", "smoke", "--save-model", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    counts = finished_counts(result.stdout)
+    counts = finished_counts(tmp_path / "runs/smoke")
     assert counts == {"steps": 600, "updates": 500, "target_syncs": 5}
     run_dir = tmp_path / "runs/smoke"
     tags = read_tags(run_dir)
@@ -189,7 +191,7 @@ def test_cleanrl_smoke_flags(tmp_path):
     result = run_script("dqn_cartpole", "--learning-starts", 10, "--total-timesteps", 16, "--buffer-size", 10,
                         "--batch-size", 4, "--run-name", "tiny", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert finished_counts(result.stdout)["updates"] == 6
+    assert finished_counts(tmp_path / "runs/tiny")["updates"] == 6
 
 
 @pytest.mark.parametrize("env_id", ["Acrobot-v1", "MountainCar-v0"])
@@ -197,7 +199,7 @@ def test_other_flat_discrete_envs_train(tmp_path, monkeypatch, env_id, capsys):
     monkeypatch.chdir(tmp_path)
     dqn.main(dqn.Args(env_id=env_id, total_timesteps=300, learning_starts=100, num_envs=2, eval_episodes=1,
                       eval_frequency=0, run_name="other", cuda=False))
-    assert finished_counts(capsys.readouterr().out)["updates"] == 200
+    assert finished_counts(tmp_path / "runs/other")["updates"] == 200
 
 
 def test_same_seed_same_returns(tmp_path):
@@ -231,6 +233,21 @@ def test_play_mode_evaluates_a_saved_model_and_writes_video(tmp_path):
     assert len(videos) == 1
     capture = cv2.VideoCapture(str(videos[0]))
     assert capture.get(cv2.CAP_PROP_FRAME_COUNT) >= 8 and capture.read()[0]
+
+
+def test_capture_video_without_xdg_runtime_dir_prints_no_error_line(tmp_path):
+    # Without a login session (no XDG_RUNTIME_DIR), SDL, which gymnasium starts to render, prints "error:
+    # XDG_RUNTIME_DIR is invalid or not set" unless the script keeps it off the display; people read an "error:" line
+    # as the script's. run_script can only add variables, so the environment is built here without those two.
+    env = {k: v for k, v in os.environ.items() if k not in ("XDG_RUNTIME_DIR", "SDL_VIDEODRIVER")}
+    cmd = [sys.executable, str(ROOT / "dqn_cartpole.py"), "--capture-video", "--total-timesteps", "50",
+           "--learning-starts", "49", "--eval-episodes", "1", "--run-name", "v", "--no-cuda"]
+    result = subprocess.run(cmd, cwd=tmp_path, env={**env, "WANDB_MODE": "offline"}, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert not [line for line in result.stderr.splitlines() if line.startswith("error:")], result.stderr
+    videos = list((tmp_path / "runs/v/videos").glob("*.mp4"))
+    assert len(videos) == 1 and cv2.VideoCapture(str(videos[0])).read()[0]
 
 
 def test_track_with_wandb_offline(tmp_path):

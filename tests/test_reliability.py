@@ -11,7 +11,8 @@ import pytest
 import torch
 import tyro
 
-from helpers import SCRIPTS, checkpoint_step, finished_counts, load_script, read_scalars, run_script, wait_until
+from helpers import (SCRIPTS, checkpoint_step, finished_counts, load_script, read_scalars, read_summary, run_script,
+                     wait_until)
 
 ATARI = ["dqn_atari", "dqn_atari_dueling_per"]
 # short runs: a few hundred env steps of warm-up, then a little training
@@ -255,7 +256,7 @@ def test_sigkill_then_resume_loses_at_most_one_checkpoint_interval(script, tmp_p
                          cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed k at step {step}" in resumed.stdout
-    assert finished_counts(resumed.stdout)["steps"] == step + 2 * every
+    assert finished_counts(tmp_path / "runs/k")["steps"] == step + 2 * every
     assert checkpoint_step(path) == step + 2 * every
 
 
@@ -271,7 +272,8 @@ def test_signal_stops_cleanly_with_a_final_checkpoint_and_flushed_logs(script, t
     assert "Traceback" not in err
     stopped = int(err.split(f"stopped by signal {signum} at step ")[1].split(";")[0])
     assert checkpoint_step(path) == stopped and stopped >= 600
-    assert finished_counts(out)["steps"] == stopped
+    assert finished_counts(tmp_path / "runs/s")["steps"] == stopped
+    assert read_summary(tmp_path / "runs/s")["stop_reason"] == f"signal {signum.name}"
     logged = read_scalars(tmp_path / "runs/s", "charts/episodic_return")
     assert logged and max(step for step, _ in logged) <= stopped  # the writer was flushed on the way out
 
@@ -318,6 +320,7 @@ def test_non_finite_loss_stops_with_the_step_and_a_last_good_checkpoint(script, 
     assert state["global_step"] < bad_step and f"(step {state['global_step']}) is saved in" in err
     assert all(torch.isfinite(t).all() for t in state["model"].values())
     assert all(torch.isfinite(t).all() for t in state["target_model"].values())
+    assert read_summary(tmp_path / "runs/nan")["stop_reason"] == f"non-finite loss at step {bad_step}"
 
 
 # ---------------------------------------------------------------- determinism and resume
@@ -329,7 +332,7 @@ def test_atari_same_seed_same_returns(atari, tmp_path):
     for name in ["a", "b"]:
         result = run_script(atari, *flags, "--run-name", name, cwd=tmp_path)
         assert result.returncode == 0, result.stderr
-        assert finished_counts(result.stdout)["updates"] == 200
+        assert finished_counts(tmp_path / "runs" / name)["updates"] == 200
         returns.append(read_scalars(tmp_path / "runs" / name, "charts/episodic_return"))
     assert len(returns[0]) >= 4 and returns[0] == returns[1]
     assert run_script(atari, *flags, "--run-name", "c", "--seed", 2, cwd=tmp_path).returncode == 0
@@ -353,7 +356,7 @@ def test_resumed_run_keeps_the_schedules_of_an_uninterrupted_one(script, tmp_pat
     assert resumed.returncode == 0, resumed.stderr
     assert f"at step {cut_at}" in resumed.stdout
     # same final step, same number of updates and target syncs, same epsilon at the same steps, same eval points
-    assert finished_counts(resumed.stdout) == finished_counts(whole.stdout)
+    assert finished_counts(tmp_path / "runs/cut") == finished_counts(tmp_path / "runs/whole")
     for tag in ["charts/epsilon", "eval/episodic_return"]:
         whole_steps = dict(read_scalars(tmp_path / "runs/whole", tag))
         cut = read_scalars(tmp_path / "runs/cut", tag)

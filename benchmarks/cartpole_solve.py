@@ -1,16 +1,10 @@
-"""CartPole-v1 time-to-solve of dqn_cartpole.py over several seeds: env steps and seconds until the greedy evaluation
-mean (10 episodes, every 2.5k steps by the script's defaults) reaches 475, or 'not solved' within its 50k steps.
-
-Runs one seed at a time (so the seconds are not shared between runs), each with `--goal-score 475`, which makes the
-script print `goal reached: eval mean M >= 475.0 at step S after T s` and stop. The seconds are the script's own
-clock (from the start of its training loop: process and env start-up excluded, its evaluations included); the whole
-process time is recorded too.
+"""CartPole-v1 time-to-solve of dqn_cartpole.py over several seeds, one at a time, each with `--goal-score 475`: the
+env step and the seconds (the script's own clock) at which its greedy evaluation mean first reached the goal, read from
+its summary.json (goal_reached_step, goal_reached_s), or 'not solved' (benchmarks/README.md).
 
     python -m benchmarks.cartpole_solve                       # seeds 1-5 -> benchmarks/results/cartpole_solve.json
     python -m benchmarks.cartpole_solve --seeds 1 2 -- --learning-rate 5e-4    # flags after -- go to the script
 """
-
-from __future__ import annotations
 
 import statistics
 import sys
@@ -20,21 +14,25 @@ from typing import Any
 
 import tyro
 
-from benchmarks.common import (CARTPOLE_SCRIPT, REFERENCES, RESULTS_DIR, check_run, fmt, format_table, parse_finished,
-                               parse_goal, references_json, require_cuda, run_name_for, run_script, split_passthrough,
+from benchmarks.common import (CARTPOLE_SCRIPT, REFERENCES, RESULTS_DIR, fmt, format_table, read_summary,
+                               references_json, require_cuda, run_name_for, run_script, split_passthrough,
                                timestamp_tag, write_json)
 
 
 @dataclass
 class Args:
-    seeds: tuple[int, ...] = (1, 2, 3, 4, 5)
-    """the seeds, run one after another"""
-    goal_score: float = 475.0
-    """the evaluation mean that counts as solved (CartPole-v1's reward threshold)"""
-    cuda: bool = False
-    """run on the GPU"""
-    out_dir: Path = RESULTS_DIR
-    """where the JSON goes, and the runs/ and logs"""
+    seeds: tuple[int, ...] = (1, 2, 3, 4, 5)  # the seeds, run one after another
+    goal_score: float = 475.0  # the evaluation mean that counts as solved (CartPole-v1's reward threshold)
+    cuda: bool = False  # run on the GPU
+    out_dir: Path = RESULTS_DIR  # where the JSON goes, and the runs/ and logs
+
+
+def solve_result(seed: int, run_name: str, wall_s: float, summary: dict[str, Any]) -> dict[str, Any]:
+    """One seed's row, from the run's summary.json."""
+    solved = summary.get("goal_reached_step") is not None
+    return {"seed": seed, "run_name": run_name, "solved": solved, "steps": summary.get("goal_reached_step"),
+            "seconds": summary.get("goal_reached_s"), "eval_mean": summary.get("final_eval_return") if solved else None,
+            "process_wall_s": wall_s, "summary": summary}
 
 
 def solve_seed(seed: int, args: Args, tag: str, script_flags: list[str]) -> dict[str, Any]:
@@ -42,12 +40,8 @@ def solve_seed(seed: int, args: Args, tag: str, script_flags: list[str]) -> dict
     workdir = args.out_dir / "cartpole_solve"
     flags = ["--seed", str(seed), "--run-name", run_name, "--goal-score", str(args.goal_score),
              "--cuda" if args.cuda else "--no-cuda", *script_flags]
-    run = run_script(CARTPOLE_SCRIPT, flags, workdir, workdir / "logs" / f"{run_name}.log")
-    check_run(run)
-    goal, finished = parse_goal(run.output), parse_finished(run.output)
-    return {"seed": seed, "run_name": run_name, "solved": goal is not None,
-            "steps": goal["step"] if goal else None, "seconds": goal["seconds"] if goal else None,
-            "eval_mean": goal["eval_mean"] if goal else None, "process_wall_s": run.wall_s, "finished": finished}
+    wall_s = run_script(CARTPOLE_SCRIPT, flags, workdir, workdir / "logs" / f"{run_name}.log")
+    return solve_result(seed, run_name, wall_s, read_summary(workdir / "runs" / run_name))
 
 
 def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -56,16 +50,9 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     summary: dict[str, Any] = {"seeds": len(results), "solved": len(solved)}
     for key in ("steps", "seconds"):
         values = [r[key] for r in solved]
-        summary[f"median_{key}"] = statistics.median(values) if values else None
-        summary[f"min_{key}"] = min(values) if values else None
-        summary[f"max_{key}"] = max(values) if values else None
+        for name, f in (("median", statistics.median), ("min", min), ("max", max)):
+            summary[f"{name}_{key}"] = f(values) if values else None
     return summary
-
-
-def results_table(results: list[dict[str, Any]]) -> str:
-    rows = [[r["seed"], "yes" if r["solved"] else "not solved", r["steps"], r["seconds"], r["process_wall_s"],
-             (r["finished"] or {}).get("best_eval_return")] for r in results]
-    return format_table(["seed", "solved", "steps", "seconds", "process s", "best eval"], rows, digits=1)
 
 
 def main(args: Args, script_flags: list[str]) -> None:
@@ -75,7 +62,9 @@ def main(args: Args, script_flags: list[str]) -> None:
     summary = summarize(results)
     print(f"\ndqn_cartpole.py to a greedy evaluation mean >= {args.goal_score} (defaults"
           + (f" plus {' '.join(script_flags)}" if script_flags else "") + "):")
-    print(results_table(results))
+    print(format_table(["seed", "solved", "steps", "seconds", "process s", "best eval"],
+                       [[r["seed"], "yes" if r["solved"] else "not solved", r["steps"], r["seconds"],
+                         r["process_wall_s"], r["summary"].get("best_eval_return")] for r in results], digits=1))
     print(f"solved {summary['solved']}/{summary['seeds']} seeds; median over solved seeds: "
           f"{fmt(summary['median_steps'], 0)} steps, {fmt(summary['median_seconds'])} s")
     steps, secs = REFERENCES["cleanrl_cartpole_steps"], REFERENCES["cleanrl_cartpole_seconds"]

@@ -1,13 +1,8 @@
 """Replay memory per Atari transition of both Atari scripts, from a really allocated ReplayBuffer, next to CleanRL's and
-SB3's (shared/NOTES.md).
-
-Per transition = (bytes of every tensor the buffer holds, its sum tree's included) / capacity; plus the scripts' own
-ReplayBuffer.bytes_needed() at the full 1M capacity, which is what they check against free memory before a run.
+SB3's (shared/NOTES.md); plus the scripts' own ReplayBuffer.bytes_needed() at 1M.
 
     python -m benchmarks.memory               # -> benchmarks/results/memory.json
 """
-
-from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,16 +19,12 @@ def tensor_bytes(obj: Any, _seen: Optional[set[int]] = None) -> int:
     """Bytes of all distinct tensors reachable from `obj` through attributes, lists, tuples and dicts (a tensor met
     twice, or a view of one counted, is counted once per storage)."""
     seen = set() if _seen is None else _seen
-    if id(obj) in seen:
+    key = obj.untyped_storage().data_ptr() if isinstance(obj, torch.Tensor) else id(obj)
+    if key in seen:
         return 0
-    seen.add(id(obj))
+    seen.add(key)
     if isinstance(obj, torch.Tensor):
-        storage = obj.untyped_storage()
-        key = storage.data_ptr()
-        if key in seen:
-            return 0
-        seen.add(key)
-        return storage.nbytes()
+        return obj.untyped_storage().nbytes()
     if isinstance(obj, dict):
         return sum(tensor_bytes(v, seen) for v in obj.values())
     if isinstance(obj, (list, tuple)):
@@ -46,26 +37,21 @@ def tensor_bytes(obj: Any, _seen: Optional[set[int]] = None) -> int:
 def replay_bytes(script: str, capacity: int, num_envs: int, full_capacity: int) -> dict[str, Any]:
     """Allocates the script's ReplayBuffer with `capacity` on the CPU and measures it; bytes_needed at full size."""
     mod = load_script(script)
-    cpu = torch.device("cpu")
-    rb = mod.ReplayBuffer(capacity, num_envs, cpu, cpu)
-    allocated = tensor_bytes(rb)
+    allocated = tensor_bytes(mod.ReplayBuffer(capacity, num_envs, torch.device("cpu"), torch.device("cpu")))
+    needed_full = mod.ReplayBuffer.bytes_needed(full_capacity, num_envs)
     return {"script": script, "capacity": capacity, "num_envs": num_envs, "allocated_bytes": allocated,
             "bytes_per_transition": allocated / capacity,
             "bytes_needed_at_capacity": mod.ReplayBuffer.bytes_needed(capacity, num_envs),
-            "full_capacity": full_capacity, "bytes_needed_full": mod.ReplayBuffer.bytes_needed(full_capacity, num_envs),
-            "bytes_per_transition_full": mod.ReplayBuffer.bytes_needed(full_capacity, num_envs) / full_capacity}
+            "full_capacity": full_capacity, "bytes_needed_full": needed_full,
+            "bytes_per_transition_full": needed_full / full_capacity}
 
 
 @dataclass
 class Args:
-    capacity: int = 100_000
-    """transitions of the buffer really allocated (about 0.7 GB of RAM)"""
-    num_envs: int = 1
-    """envs the buffer is split over (its per-env capacity is rounded up)"""
-    full_capacity: int = 1_000_000
-    """the capacity bytes_needed() is also evaluated at"""
-    out: Path = RESULTS_DIR / "memory.json"
-    """the JSON file"""
+    capacity: int = 100_000  # transitions of the buffer really allocated (about 0.7 GB of RAM)
+    num_envs: int = 1  # envs the buffer is split over (its per-env capacity is rounded up)
+    full_capacity: int = 1_000_000  # the capacity bytes_needed() is also evaluated at
+    out: Path = RESULTS_DIR / "memory.json"  # the JSON file
 
 
 def main(args: Args) -> None:

@@ -1,12 +1,10 @@
-"""Two numbers behind issue #13 (dqn_atari_dueling_per.py learning slowly), read from a run's checkpoint.pt (written
-with --checkpoint-buffer): the scale of the importance-sampling weights of the batches the learner sees, and where
-Adam's per-element denominator sqrt(v_hat) + eps stands against eps (eps-dominated elements take steps of about
-lr * g / eps instead of lr * m / sqrt(v_hat)).
+"""Two numbers behind issue #13 (dqn_atari_dueling_per.py learning slowly), from a run's checkpoint.pt written with
+--checkpoint-buffer: the importance-sampling weights of the batches the learner sees, and where Adam's per-element
+denominator sqrt(v_hat) + eps stands against eps (eps-dominated elements step by about lr * g / eps, not lr * m /
+sqrt(v_hat)).
 
     python -m benchmarks.per_diagnose benchmarks/results/grids/atari_short_breakout/runs/RUN/checkpoint.pt
 """
-
-from __future__ import annotations
 
 from pathlib import Path
 
@@ -31,21 +29,15 @@ def diagnose(path: Path, batches: int = 200) -> dict:
     step = state["global_step"]
     beta = mod.linear_schedule(args.prioritized_replay_beta0, 1.0, args.total_timesteps, step)
     torch.manual_seed(0)
-    weights = []
-    for _ in range(batches):  # the batches the learner would see at this step
-        weights.append(rb.sample(args.batch_size, beta).weights)
-    weights = torch.cat(weights).numpy()
+    weights = torch.cat([rb.sample(args.batch_size, beta).weights for _ in range(batches)]).numpy()  # at this step
     eps = state["optimizer"]["param_groups"][0]["eps"]
-    rms = []
-    for s in state["optimizer"]["state"].values():
-        rms.append((s["exp_avg_sq"] / (1 - 0.999 ** float(s["step"]))).sqrt().flatten())
-    rms = torch.cat(rms).numpy()
+    rms = torch.cat([(s["exp_avg_sq"] / (1 - 0.999 ** float(s["step"]))).sqrt().flatten()  # sqrt(v_hat)
+                     for s in state["optimizer"]["state"].values()]).numpy()
     return {"checkpoint": str(path), "global_step": step, "beta": beta, "adam_eps": eps,
             "is_weight": {"mean": float(weights.mean()), "median": float(np.median(weights)),
                           "min": float(weights.min()), "p_min": float(rb.tree.mins[1])},
             "adam_sqrt_v_hat": {"median": float(np.median(rms)), "p90": float(np.percentile(rms, 90)),
-                                "p99": float(np.percentile(rms, 99)),
-                                "share_below_eps": float((rms < eps).mean()),
+                                "p99": float(np.percentile(rms, 99)), "share_below_eps": float((rms < eps).mean()),
                                 "median_step_share": float(np.median(rms / (rms + eps)))}}
 
 
@@ -57,8 +49,8 @@ def main(checkpoints: tyro.conf.Positional[tuple[Path, ...]]) -> None:
         print(f"{path}: step {d['global_step']:,}, beta {d['beta']:.2f}: IS weight mean {w['mean']:.3f}, median "
               f"{w['median']:.3f}, min {w['min']:.4f} (p_min {w['p_min']:.2e}); Adam eps {d['adam_eps']:g}: "
               f"sqrt(v_hat) median {a['median']:.2e}, p90 {a['p90']:.2e}, p99 {a['p99']:.2e}, "
-              f"{100 * a['share_below_eps']:.1f}% of "
-              f"elements below eps, median step share sqrt(v)/(sqrt(v)+eps) {a['median_step_share']:.3f}")
+              f"{100 * a['share_below_eps']:.1f}% of elements below eps, median step share sqrt(v)/(sqrt(v)+eps) "
+              f"{a['median_step_share']:.3f}")
 
 
 if __name__ == "__main__":

@@ -1,18 +1,9 @@
-"""Learning curves and a final-score table from our TensorBoard runs, next to the published scores in shared/NOTES.md.
+"""Learning curves and a final-score table (mean +- std and IQM with a bootstrap CI over seeds) from our TensorBoard
+runs, next to the published scores in shared/NOTES.md (benchmarks/README.md).
 
-Finds every run folder (one with events.out.tfevents.* files) under the given paths, identifies it by its
-`hyperparameters` text (env_id, exp_name, seed; the run name {env_id}__{exp_name}__{seed}__... when that is missing),
-groups the seeds of each (env id, script), and writes, per env id, a small PNG of eval/episodic_return and
-charts/episodic_return (mean over seeds, shaded std or min/max over seeds), plus scores.md / scores.json: the final
-evaluation return and the return of the last training episodes per (env id, script), with the reference scores.
-
-    python -m benchmarks.plot benchmarks/results/grids/breakout-pong/runs           # -> benchmarks/results/plots/
-    python -m benchmarks.plot runs --spread minmax --out-dir /tmp/plots
+    python -m benchmarks.plot benchmarks/results/grids/NAME/runs           # -> benchmarks/results/plots/
 """
 
-from __future__ import annotations
-
-import json
 import re
 import sys
 from collections import defaultdict
@@ -24,7 +15,7 @@ import numpy as np
 import tyro
 
 from benchmarks.common import (PUBLISHED_NOTE, PUBLISHED_SCORES, RESULTS_DIR, ScalarPoint, describe_machine,
-                               env_slug, format_table, machine_info, read_hparams, read_scalars, write_json)
+                               format_table, iqm_ci, machine_info, read_hparams, read_json, read_scalars, write_json)
 
 EVAL_TAG, TRAIN_TAG = "eval/episodic_return", "charts/episodic_return"
 Spread = Literal["std", "minmax"]
@@ -38,7 +29,7 @@ class RunData:
     seed: int
     eval: list[ScalarPoint]
     train: list[ScalarPoint]
-    machine: Optional[str]  # where the run was made, when a grid recorded it
+    machine: Optional[str]  # where the run was made, when grid.py recorded it
 
     @property
     def last_step(self) -> int:
@@ -46,22 +37,15 @@ class RunData:
 
 
 def find_run_dirs(paths: Sequence[Path]) -> list[Path]:
-    """Folders holding TensorBoard event files, under `paths` (W&B's copies and grids' stale attempts skipped)."""
-    found = set()
-    for path in paths:
-        for events in sorted(Path(path).rglob("events.out.tfevents.*")):
-            if not {"wandb", "stale"} & set(events.relative_to(path).parts[:-1]):
-                found.add(events.parent)
-    return sorted(found)
+    """Folders holding TensorBoard event files under `paths` (W&B's copies and grids' stale attempts skipped)."""
+    return sorted({events.parent for path in paths for events in Path(path).rglob("events.out.tfevents.*")
+                   if not {"wandb", "stale"} & set(events.relative_to(path).parts[:-1])})
 
 
 def parse_run_name(name: str) -> Optional[tuple[str, str, int]]:
-    """'{env}__{exp_name}__{seed}__{anything}' -> (env, exp_name, seed); None if it does not follow the pattern.
-    The env comes back as in the name ('/' was replaced by '-')."""
+    """'{env}__{exp_name}__{seed}__{anything}' -> (env, exp_name, seed) ('/' in the env became '-'); else None."""
     parts = name.split("__")
-    if len(parts) < 3 or not re.fullmatch(r"-?\d+", parts[2]):
-        return None
-    return parts[0], parts[1], int(parts[2])
+    return (parts[0], parts[1], int(parts[2])) if len(parts) >= 3 and re.fullmatch(r"-?\d+", parts[2]) else None
 
 
 def identify(run_dir: Path, hparams: dict[str, str]) -> Optional[tuple[str, str, int]]:
@@ -72,40 +56,29 @@ def identify(run_dir: Path, hparams: dict[str, str]) -> Optional[tuple[str, str,
         return parse_run_name(run_dir.name)
 
 
-def grid_machine(run_dir: Path) -> Optional[str]:
-    """The machine a grid (grid.py) recorded for this run: {grid}/state/{run_name}.json next to {grid}/runs/."""
-    state = run_dir.parent.parent / "state" / f"{run_dir.name}.json"
-    try:
-        return describe_machine(json.loads(state.read_text())["machine"])
-    except (OSError, ValueError, KeyError):
-        return None
-
-
 def load_runs(paths: Sequence[Path]) -> list[RunData]:
     runs = []
     for run_dir in find_run_dirs(paths):
-        ident = identify(run_dir, read_hparams(run_dir))
-        if ident is None:
+        if (ident := identify(run_dir, read_hparams(run_dir))) is None:
             print(f"skip {run_dir}: no hyperparameters text and not an {{env}}__{{exp}}__{{seed}}__ name",
                   file=sys.stderr)
             continue
         scalars = read_scalars(run_dir, [EVAL_TAG, TRAIN_TAG])
-        runs.append(RunData(run_dir, *ident, scalars[EVAL_TAG], scalars[TRAIN_TAG], grid_machine(run_dir)))
+        machine = read_json(run_dir.parent.parent / "state" / f"{run_dir.name}.json").get("machine")  # grid.py's
+        runs.append(RunData(run_dir, *ident, scalars[EVAL_TAG], scalars[TRAIN_TAG],
+                            describe_machine(machine) if machine else None))
     return runs
 
 
 def dedupe(runs: Sequence[RunData]) -> list[RunData]:
     """One run per (env, script, seed): the one that got furthest (a seed counted twice would shrink the spread)."""
     best: dict[tuple[str, str, int], RunData] = {}
-    for run in runs:
+    for run in sorted(runs, key=lambda r: r.last_step, reverse=True):
         key = (run.env_id, run.exp_name, run.seed)
         if key in best:
-            keep, drop = sorted([best[key], run], key=lambda r: r.last_step, reverse=True)
-            print(f"warning: {key} appears twice; keeping {keep.run_dir} (step {keep.last_step}), "
-                  f"ignoring {drop.run_dir} (step {drop.last_step})", file=sys.stderr)
-            best[key] = keep
-        else:
-            best[key] = run
+            print(f"warning: {key} appears twice; keeping {best[key].run_dir} (step {best[key].last_step}), "
+                  f"ignoring {run.run_dir} (step {run.last_step})", file=sys.stderr)
+        best.setdefault(key, run)
     return list(best.values())
 
 
@@ -113,8 +86,7 @@ def moving_average(steps: np.ndarray, values: np.ndarray, window: int) -> tuple[
     """Mean of each `window` consecutive values, at the step of the window's last one; a short run (under 5 windows
     of episodes) gets a window of a fifth of its episodes, so that its curve keeps a shape."""
     window = max(1, min(window, len(values) // 5))
-    kernel = np.ones(window) / window
-    return steps[window - 1:], np.convolve(values, kernel, mode="valid")
+    return steps[window - 1:], np.convolve(values, np.ones(window) / window, mode="valid")
 
 
 def aggregate(curves: Sequence[tuple[np.ndarray, np.ndarray]], spread: Spread,
@@ -122,10 +94,7 @@ def aggregate(curves: Sequence[tuple[np.ndarray, np.ndarray]], spread: Spread,
     """Mean and band (mean +- std, or min and max) over seeds, each curve linearly interpolated onto a common grid
     over the steps all seeds cover; None when they cover no common step."""
     curves = [(np.asarray(s, float), np.asarray(v, float)) for s, v in curves if len(s)]
-    if not curves:
-        return None
-    first, last = max(s[0] for s, _ in curves), min(s[-1] for s, _ in curves)
-    if last < first:
+    if not curves or (last := min(s[-1] for s, _ in curves)) < (first := max(s[0] for s, _ in curves)):
         return None
     grid = np.linspace(first, last, num) if last > first else np.array([first])
     ys = np.stack([np.interp(grid, s, v) for s, v in curves])  # (seeds, num)
@@ -141,8 +110,8 @@ def game_of(env_id: str) -> str:
 
 
 def final_scores(runs: Sequence[RunData], last_episodes: int) -> dict[str, Any]:
-    """Per group: each seed's last evaluation return and mean return over its last `last_episodes` training episodes;
-    mean and std (population) over seeds."""
+    """Per seed: the last evaluation return and the mean of the last `last_episodes` training episodes; over seeds:
+    mean and (population) std of both, and the IQM with its 95% bootstrap CI of the final evaluation."""
     per_seed = {r.seed: {"final_eval": r.eval[-1].value if r.eval else None,
                          "final_eval_step": r.eval[-1].step if r.eval else None,
                          "train_last": float(np.mean([p.value for p in r.train[-last_episodes:]])) if r.train else None,
@@ -151,49 +120,46 @@ def final_scores(runs: Sequence[RunData], last_episodes: int) -> dict[str, Any]:
     for key in ("final_eval", "train_last"):
         values = [v[key] for v in per_seed.values() if v[key] is not None]
         out[key] = {"mean": float(np.mean(values)), "std": float(np.std(values)), "n": len(values)} if values else None
+        if key == "final_eval":
+            out["final_eval_iqm"] = iqm_ci(values) if values else None
     out["steps"] = (min(v["last_step"] for v in per_seed.values()), max(v["last_step"] for v in per_seed.values()))
     return out
 
 
-def pm(stat: Optional[dict[str, float]]) -> str:
-    return "-" if stat is None else f"{stat['mean']:.1f} +- {stat['std']:.1f}"
-
-
 def scores_markdown(scores: dict[tuple[str, str], dict[str, Any]], last_episodes: int,
-                    machines: Sequence[Optional[str]],
-                    sources: Sequence[Path]) -> str:
+                    machines: Sequence[Optional[str]], sources: Sequence[Path]) -> str:
+    pm = lambda s: "-" if s is None else f"{s['mean']:.1f} +- {s['std']:.1f}"  # noqa: E731
     columns = sorted({c for refs in PUBLISHED_SCORES.values() for c in refs})
     rows = []
     for (env_id, exp_name), s in sorted(scores.items()):
-        refs = PUBLISHED_SCORES.get(game_of(env_id), {})
+        refs, ci = PUBLISHED_SCORES.get(game_of(env_id), {}), s.get("final_eval_iqm")
         steps = f"{s['steps'][0]:,}" + ("" if s["steps"][0] == s["steps"][1] else f" - {s['steps'][1]:,}")
-        rows.append([env_id, exp_name, len(s["seeds"]), steps, pm(s["final_eval"]), pm(s["train_last"]),
+        rows.append([env_id, exp_name, len(s["seeds"]), steps, pm(s["final_eval"]),
+                     "-" if ci is None else f"{ci['iqm']:.1f}",
+                     "-" if ci is None else f"[{ci['ci_low']:.1f}, {ci['ci_high']:.1f}]", pm(s["train_last"]),
                      *[f"{refs[c][0]:g} +- {refs[c][1]:g}" if c in refs else "-" for c in columns]])
-    headers = ["env", "script", "seeds", "steps", "final eval return", f"train return (last {last_episodes} ep.)",
-               *columns]
+    headers = ["env", "script", "seeds", "steps", "final eval return", "IQM", "95% CI of IQM",
+               f"train return (last {last_episodes} ep.)", *columns]
     made_on = "; ".join(sorted(set(m for m in machines if m))) or "-"
     if None in machines:
         made_on += f" ({list(machines).count(None)} of {len(machines)} runs have no record: made outside grid.py)"
     return "\n".join([
-        "# Final scores", "",
-        format_table(headers, rows), "",
-        "Ours: mean +- std over seeds. Final eval return = each seed's last eval/episodic_return (the scripts' final "
-        "evaluation: full games, epsilon 0.05 for Atari, greedy for CartPole); train return = mean of each seed's "
-        f"last {last_episodes} charts/episodic_return values (full games, unclipped score). 'steps' = the last "
-        "logged env step (a range when seeds differ: unfinished runs).",
-        f"Reference columns: {PUBLISHED_NOTE} Compare only at equal budgets.", "",
-        f"Runs: {', '.join(str(p) for p in sources)}.",
-        f"Runs made on: {made_on}.",
+        "# Final scores", "", format_table(headers, rows), "",
+        "Ours: mean +- std over seeds, and the interquartile mean (IQM) with its 95% percentile-bootstrap CI over "
+        "seeds (with 2 or 3 seeds the CI about spans the seeds: it says how little they pin down). Final eval return "
+        "= each seed's last eval/episodic_return (the scripts' final evaluation: full games, epsilon 0.05 for Atari, "
+        f"greedy for CartPole); train return = mean of each seed's last {last_episodes} charts/episodic_return values "
+        "(full games, unclipped score). 'steps' = the last logged env step (a range when seeds differ: unfinished "
+        "runs).", f"Reference columns: {PUBLISHED_NOTE} Compare only at equal budgets.", "",
+        f"Runs: {', '.join(str(p) for p in sources)}.", f"Runs made on: {made_on}.",
         f"Tabulated on: {describe_machine(machine_info())}.", ""])
 
 
 def plot_env(env_id: str, groups: dict[str, list[RunData]], spread: Spread, smooth: int, out: Path,
              reference_lines: bool = True) -> Path:
     import matplotlib
-
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
-
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), dpi=100)
     for ax, tag, title in [(axes[0], EVAL_TAG, "evaluation return"), (axes[1], TRAIN_TAG, "training episode return")]:
         for exp_name, runs in sorted(groups.items()):
@@ -203,8 +169,7 @@ def plot_env(env_id: str, groups: dict[str, list[RunData]], spread: Spread, smoo
                 steps, values = np.array([p.step for p in points]), np.array([p.value for p in points])
                 curves.append(moving_average(steps, values, smooth) if tag == TRAIN_TAG and len(points) else
                               (steps, values))
-            agg = aggregate(curves, spread)
-            if agg is None:
+            if (agg := aggregate(curves, spread)) is None:
                 continue
             grid, mean, lo, hi = agg
             label = f"{exp_name} ({len(runs)} seeds)"
@@ -222,7 +187,7 @@ def plot_env(env_id: str, groups: dict[str, list[RunData]], spread: Spread, smoo
     band = "mean +- std over seeds" if spread == "std" else "mean, min/max over seeds"
     fig.suptitle(f"{env_id} ({band}" + (f"; training returns: moving mean of {smooth} episodes)" if smooth > 1
                                         else ")"), fontsize=9)
-    return save_figure(fig, out / f"{env_slug(env_id)}.png")
+    return save_figure(fig, out / f"{env_id.replace('/', '-')}.png")
 
 
 def style_axes(ax: Any, title: str) -> None:
@@ -235,7 +200,6 @@ def style_axes(ax: Any, title: str) -> None:
 
 def save_figure(fig: Any, path: Path) -> Path:
     import matplotlib.pyplot as plt
-
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -244,20 +208,13 @@ def save_figure(fig: Any, path: Path) -> Path:
 
 @dataclass
 class Args:
-    runs: tyro.conf.Positional[tuple[Path, ...]]
-    """folders to search for runs (a grid's runs/, a runs/ folder, or single run folders)"""
-    spread: Spread = "std"
-    """the band around the mean over seeds: std, or minmax"""
-    smooth: int = 20
-    """training returns: moving mean over this many episodes per seed before averaging seeds"""
-    last_episodes: int = 100
-    """the table's training return: mean over each seed's last this many episodes"""
-    env_ids: Optional[tuple[str, ...]] = None
-    """only these env ids"""
-    out_dir: Path = RESULTS_DIR / "plots"
-    """where the PNGs, scores.md and scores.json go"""
-    reference_lines: bool = True
-    """draw the published scores as dashed lines on the evaluation plot (they squash the curves of short runs)"""
+    runs: tyro.conf.Positional[tuple[Path, ...]]  # folders to search for runs (a grid's runs/, or run folders)
+    spread: Spread = "std"  # the band around the mean over seeds: std, or minmax
+    smooth: int = 20  # training returns: moving mean over this many episodes per seed before averaging seeds
+    last_episodes: int = 100  # the table's training return: mean over each seed's last this many episodes
+    env_ids: Optional[tuple[str, ...]] = None  # only these env ids
+    out_dir: Path = RESULTS_DIR / "plots"  # where the PNGs, scores.md and scores.json go
+    reference_lines: bool = True  # draw the published scores on the evaluation plot (they squash short runs' curves)
 
 
 def main(args: Args) -> None:
@@ -274,8 +231,7 @@ def main(args: Args) -> None:
               for env_id, by_script in groups.items() for exp, rs in by_script.items()}
     markdown = scores_markdown(scores, args.last_episodes, [r.machine for r in runs], args.runs)
     (args.out_dir / "scores.md").write_text(markdown)
-    print(markdown)
-    print(f"wrote {args.out_dir / 'scores.md'}")
+    print(f"{markdown}\nwrote {args.out_dir / 'scores.md'}")
     write_json(args.out_dir / "scores.json",
                {"config": {"runs": [str(p) for p in args.runs], "spread": args.spread, "smooth": args.smooth,
                            "last_episodes": args.last_episodes},

@@ -1,25 +1,27 @@
-"""Tests of the benchmark tooling's logic: SPS arithmetic and TensorBoard reading, output parsing, tables, grid
-expansion, resume bookkeeping (with a stand-in script that follows the scripts' exit-code protocol), sbatch
-generation, plot aggregation, replay-byte counting, and a few-update smoke run of the update-cost harness.
+"""Tests of the benchmark tooling's logic: SPS arithmetic and TensorBoard reading, summary.json reading, IQM and its
+bootstrap CI, tables, grid expansion and resume (with a stand-in script that follows the scripts' exit-code and
+summary.json protocol, old-layout grid folders included), the submitit job array (run by submitit's debug executor),
+plot aggregation, replay-byte counting, and a few-update smoke run of the update-cost harness.
 Cheap (seconds); nothing here measures anything.
 
     python -m pytest benchmarks/test_tools.py
 """
 
-from __future__ import annotations
-
 import json
+import signal
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from benchmarks import atari_short, common, grid, memory, plot
+from benchmarks import atari_short, cartpole_solve, common, grid, memory, plot
 from benchmarks.common import ScalarPoint
-from benchmarks.grid import Action, GridPaths, GridSpec
+from benchmarks.grid import GridPaths, GridSpec
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -59,17 +61,34 @@ def test_read_hparams_parses_the_scripts_table(tmp_path):
     assert common.read_hparams(tmp_path) == {"env_id": "ALE/Pong-v5", "exp_name": "dqn_atari", "seed": "3"}
 
 
-def test_parse_finished_and_goal_lines():
-    output = ("step 2500: eval return 9.50 +- 0.50\n"
-              "goal reached: eval mean 480.30 >= 475.0 at step 27500 after 31.2s\n"
-              "finished CartPole-v1__dqn_cartpole__1__x: 27500 steps, 26500 gradient updates, 26500 target syncs "
-              "in 33.0s; best eval return 480.30\n")
-    assert common.parse_goal(output) == {"eval_mean": 480.3, "goal": 475.0, "step": 27500, "seconds": 31.2}
-    finished = common.parse_finished(output)
-    assert finished["steps"] == 27500 and finished["gradient_updates"] == 26500 and finished["seconds"] == 33.0
-    assert common.parse_finished("finished r: 1 steps, 0 gradient updates, 0 target syncs in 0.1s; "
-                                 "best eval return -inf")["best_eval_return"] == float("-inf")
-    assert common.parse_goal("finished ...") is None and common.parse_finished("error: x") is None
+def test_cartpole_solve_reads_the_goal_and_the_run_from_summary_json(tmp_path):
+    run_dir = tmp_path / "runs" / "CartPole-v1__dqn_cartpole__1__x"
+    run_dir.mkdir(parents=True)
+    summary = {"stop_reason": "goal reached", "env_steps": 27500, "gradient_updates": 26500, "wall_s": 33.0,
+               "best_eval_return": 480.3, "final_eval_return": 480.3, "goal_score": 475.0,
+               "goal_reached_step": 27500, "goal_reached_s": 31.2}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    assert common.read_summary(run_dir) == summary
+    result = cartpole_solve.solve_result(1, run_dir.name, 40.0, common.read_summary(run_dir))
+    assert (result["solved"], result["steps"], result["seconds"], result["eval_mean"]) == (True, 27500, 31.2, 480.3)
+    assert result["summary"]["gradient_updates"] == 26500 and result["process_wall_s"] == 40.0
+    unsolved = cartpole_solve.solve_result(2, "r", 50.0, {"stop_reason": "completed", "goal_reached_step": None,
+                                                          "goal_reached_s": None, "best_eval_return": None})
+    assert not unsolved["solved"] and unsolved["steps"] is None and unsolved["eval_mean"] is None
+    assert common.read_summary(tmp_path / "runs" / "absent") == {}  # a run that has not ended yet
+    summary = cartpole_solve.summarize([result, unsolved, {**result, "steps": 5000, "seconds": 6.0}])
+    assert (summary["seeds"], summary["solved"], summary["median_steps"], summary["min_seconds"]) == (3, 2, 16250, 6.0)
+
+
+def test_iqm_and_bootstrap_ci_match_rliable_on_known_numbers():
+    # rliable 1.2.0 (get_interval_estimates, aggregate_iqm, 2000 reps) gives 2.5 [1, 10] and 12 [11, 13] here
+    assert common.iqm(np.array([1.0, 2.0, 3.0, 10.0])) == 2.5  # the middle two of four
+    assert common.iqm(np.arange(1.0, 9.0)) == 4.5 and common.iqm(np.array([11.0, 12.0, 13.0])) == 12.0
+    ci = common.iqm_ci([1.0, 2.0, 3.0, 10.0])
+    assert (ci["iqm"], ci["ci_low"], ci["ci_high"], ci["n"]) == (2.5, 1.0, 10.0, 4)
+    assert (common.iqm_ci([11.0, 12.0, 13.0])["ci_low"], common.iqm_ci([11.0, 12.0, 13.0])["ci_high"]) == (11.0, 13.0)
+    assert common.iqm_ci([5.0, 5.0])["ci_low"] == common.iqm_ci([5.0, 5.0])["ci_high"] == 5.0
+    assert common.iqm_ci([0, 10, 20, 30, 40, 100]) == common.iqm_ci([0, 10, 20, 30, 40, 100])  # seeded: reproducible
 
 
 def test_format_table_aligns_numbers_right_and_marks_missing():
@@ -129,7 +148,7 @@ def test_validate_spec_reports_problems():
 def test_spec_json_roundtrip_and_mismatch(tmp_path):
     paths = GridPaths(tmp_path / "g1")
     created = grid.load_or_create_spec(paths, spec())
-    assert GridSpec.from_json(paths.spec.read_text()) == created
+    assert json.loads(paths.spec.read_text())["seeds"] == [1, 2]
     assert grid.load_or_create_spec(paths, None) == created  # --name alone resumes
     with pytest.raises(SystemExit, match="another spec"):
         grid.load_or_create_spec(paths, spec(seeds=(1, 2, 3)))
@@ -138,10 +157,10 @@ def test_spec_json_roundtrip_and_mismatch(tmp_path):
 
 
 @pytest.mark.parametrize("done, checkpoint, failures, expected", [
-    (True, True, 0, Action.SKIP_DONE), (True, False, 5, Action.SKIP_DONE), (False, True, 0, Action.RESUME),
-    (False, False, 0, Action.START), (False, True, 3, Action.SKIP_FAILED), (False, False, 2, Action.START)])
+    (True, True, 0, grid.SKIP_DONE), (True, False, 5, grid.SKIP_DONE), (False, True, 0, grid.RESUME),
+    (False, False, 0, grid.START), (False, True, 3, grid.SKIP_FAILED), (False, False, 2, grid.START)])
 def test_plan_cell(done, checkpoint, failures, expected):
-    assert grid.plan_cell(done, checkpoint, failures, max_attempts=3) is expected
+    assert grid.plan_cell(done, checkpoint, failures, max_attempts=3) == expected
 
 
 @pytest.mark.parametrize("code, outcome", [(0, "done"), (130, "interrupted"), (143, "interrupted"),
@@ -164,39 +183,42 @@ def test_cell_command_resume_and_track():
     assert "--track" not in grid.cell_command("py", spec(), cell, resume=False)
 
 
-def test_array_ranges():
-    assert grid.array_ranges([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
-    assert grid.array_ranges([3]) == "3" and grid.array_ranges([2, 1, 1, 0]) == "0-2"
-
-
-def test_sbatch_script(tmp_path):
-    s = spec()
-    paths = GridPaths(tmp_path / "g1")
-    text = grid.sbatch_script(s, paths, [0, 1, 3], "/venv/bin/python", 3,
-                              grid.SlurmOptions(partition="gpu", gpus=1, max_parallel=2, directives=("--account=rl",)))
-    lines = text.splitlines()
-    assert lines[0] == "#!/bin/bash"
-    assert "#SBATCH --array=0-1,3%2" in lines and "#SBATCH --job-name=g1" in lines
-    assert "#SBATCH --gres=gpu:1" in lines and "#SBATCH --partition=gpu" in lines and "#SBATCH --account=rl" in lines
-    assert "#SBATCH --signal=B:TERM@300" in lines
-    assert lines[-1] == (f"exec /venv/bin/python -m benchmarks.grid --name g1 --root {tmp_path.resolve()} "
-                         "--max-attempts 3 --cell \"$SLURM_ARRAY_TASK_ID\"")
-    no_gpu = grid.sbatch_script(s, paths, [0], "python", 3, grid.SlurmOptions(gpus=0))
-    assert "--gres" not in no_gpu and "--partition" not in no_gpu and "#SBATCH --array=0\n" in no_gpu
+@pytest.mark.parametrize("reason, done", [("completed", True), ("goal reached", True), ("signal SIGINT", False),
+                                          ("signal SIGTERM", False), ("non-finite loss at step 7", False)])
+def test_a_cell_is_done_when_its_summary_says_so(tmp_path, reason, done):
+    paths = GridPaths(tmp_path)
+    cell = grid.expand_grid(spec())[0]
+    assert not paths.done(cell)  # no summary.json yet: the run has not ended
+    paths.run_dir(cell).mkdir(parents=True)
+    (paths.run_dir(cell) / "summary.json").write_text(json.dumps({"stop_reason": reason}))
+    assert paths.done(cell) is done
 
 
 FAKE_SCRIPT = textwrap.dedent("""
-    # Stands in for a DQN script: records its argv, writes a checkpoint, exits with $FAKE_EXIT (143 = stopped).
-    import os, sys
+    # Stands in for a DQN script: records its argv; by $FAKE_EXIT: 0 = completes, 143 = stopped by SIGTERM,
+    # 1 = crashes before any checkpoint, wait = runs until SIGINT; a checkpoint and summary.json as the scripts write.
+    import json, os, signal, sys, time
     args = sys.argv[1:]
     run = os.path.join("runs", args[args.index("--run-name") + 1])
     os.makedirs(run, exist_ok=True)
     with open(os.path.join(run, "argv.txt"), "a") as f:
         f.write(" ".join(args) + "\\n")
-    code = int(os.environ["FAKE_EXIT"])
-    if code in (0, 143):
+
+    def end(code, reason):
         open(os.path.join(run, "checkpoint.pt"), "w").close()
-    sys.exit(code)
+        with open(os.path.join(run, "summary.json"), "w") as f:
+            json.dump({"stop_reason": reason, "resumed_from": "--resume" in args}, f)
+        sys.exit(code)
+
+    mode = os.environ["FAKE_EXIT"]
+    if mode == "wait":
+        signal.signal(signal.SIGINT, lambda *_: end(130, "signal SIGINT"))
+        open(os.path.join(run, "started"), "w").close()
+        time.sleep(60)
+        sys.exit(3)
+    if mode in ("0", "143"):
+        end(int(mode), "completed" if mode == "0" else "signal SIGTERM")
+    sys.exit(int(mode))
 """)
 
 
@@ -210,22 +232,26 @@ def fake_grid(tmp_path):
     return grid.Runner(s, paths, sys.executable, max_attempts=2), grid.expand_grid(s)[0]
 
 
+def argv_lines(paths: GridPaths, cell: grid.Cell) -> list[str]:
+    return (paths.run_dir(cell) / "argv.txt").read_text().splitlines()
+
+
 def test_runner_resumes_an_interrupted_cell_and_then_skips_it(fake_grid, monkeypatch):
     runner, cell = fake_grid
     paths = runner.paths
-    monkeypatch.setenv("FAKE_EXIT", "143")  # stopped by SIGTERM: checkpointed
+    monkeypatch.setenv("FAKE_EXIT", "143")  # stopped by SIGTERM: checkpointed, summary says so
     assert runner.run_cell(cell, 1) == "interrupted"
-    assert paths.checkpoint(cell).exists() and not paths.done(cell).exists()
+    assert paths.checkpoint(cell).exists() and not paths.done(cell)
     state = json.loads(paths.state(cell).read_text())
     assert (state["status"], state["attempts"], state["failures"], state["returncode"]) == ("interrupted", 1, 0, 143)
 
     monkeypatch.setenv("FAKE_EXIT", "0")
     assert runner.run_cell(cell, 1) == "done"
-    argv = (paths.run_dir(cell) / "argv.txt").read_text().splitlines()
+    argv = argv_lines(paths, cell)
     assert "--resume" not in argv[0] and f"--resume runs/{cell.run_name}/checkpoint.pt" in argv[1]
-    assert paths.done(cell).exists()
-    assert runner.run_cell(cell, 1) == Action.SKIP_DONE.value
-    assert len((paths.run_dir(cell) / "argv.txt").read_text().splitlines()) == 2  # not run again
+    assert paths.done(cell) and common.read_summary(paths.run_dir(cell))["stop_reason"] == "completed"
+    assert runner.run_cell(cell, 1) == grid.SKIP_DONE
+    assert len(argv_lines(paths, cell)) == 2  # not run again
     assert paths.log(cell).read_text().count("=== attempt") == 2
     done = json.loads(paths.state(cell).read_text())
     assert done["wall_s"] > done["ended"] - done["started"] > 0  # both attempts' time, not only the last one's
@@ -240,8 +266,8 @@ def test_runner_counts_failures_and_moves_a_checkpointless_attempt_aside(fake_gr
     assert runner.run_cell(cell, 1) == "failed"  # restarted from scratch: the first attempt's folder moved aside
     assert len(list((runner.paths.root / "stale").iterdir())) == 1
     assert json.loads(runner.paths.state(cell).read_text())["failures"] == 2
-    assert runner.run_cell(cell, 1) == Action.SKIP_FAILED.value  # max_attempts=2
-    assert not runner.paths.done(cell).exists()
+    assert runner.run_cell(cell, 1) == grid.SKIP_FAILED  # max_attempts=2
+    assert not runner.paths.done(cell)
 
 
 def test_runner_starts_nothing_after_a_stop(fake_grid, monkeypatch):
@@ -250,6 +276,108 @@ def test_runner_starts_nothing_after_a_stop(fake_grid, monkeypatch):
     runner.stop.set()
     assert runner.run_cell(cell, 1) == "not started"
     assert not runner.paths.run_dir(cell).exists()
+
+
+def start_waiting_cell(runner: grid.Runner, cell: grid.Cell) -> tuple[threading.Thread, dict]:
+    """Runs the cell on a thread (as run_cells does) with a script that runs until SIGINT; returns once it runs."""
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(outcome=runner.run_cell(cell, 1)))
+    thread.start()
+    deadline = time.time() + 30
+    while not (runner.paths.run_dir(cell) / "started").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    return thread, result
+
+
+def test_a_stop_is_forwarded_so_the_script_checkpoints_and_the_cell_resumes(fake_grid, monkeypatch):
+    runner, cell = fake_grid
+    monkeypatch.setenv("FAKE_EXIT", "wait")
+    thread, result = start_waiting_cell(runner, cell)
+    runner.request_stop(signal.SIGTERM)  # what Ctrl-C or SIGTERM to the grid does
+    thread.join(30)
+    assert result["outcome"] == "interrupted" and runner.paths.checkpoint(cell).exists()
+    assert common.read_summary(runner.paths.run_dir(cell))["stop_reason"] == "signal SIGINT"
+    assert grid.plan(runner.paths, cell, 2) == grid.RESUME
+
+
+def test_slurm_task_checkpoints_and_requeues_into_a_resumed_run(fake_grid, monkeypatch):
+    runner, cell = fake_grid
+    monkeypatch.setenv("FAKE_EXIT", "wait")
+    task = grid.SlurmTask()
+    task.runner = grid.Runner(runner.spec, runner.paths, sys.executable, 2, slurm=True)
+    thread, result = start_waiting_cell(task.runner, cell)
+    args = (str(runner.paths.root), cell.index, 2, sys.executable)
+    requeued = task.checkpoint(*args)  # what submitit calls on Slurm's SIGUSR2 before the time limit
+    thread.join(30)
+    assert result["outcome"] == "interrupted" and runner.paths.checkpoint(cell).exists()
+    assert isinstance(requeued.function, grid.SlurmTask) and requeued.args == args
+    monkeypatch.setenv("FAKE_EXIT", "0")
+    assert requeued.result() == "done"  # the requeued task: the same cell, resumed
+    assert f"--resume runs/{cell.run_name}/checkpoint.pt" in argv_lines(runner.paths, cell)[1]
+
+
+def test_slurm_submits_the_unfinished_cells_as_one_submitit_job_array(tmp_path, monkeypatch):
+    import submitit
+
+    script = tmp_path / "fake_dqn.py"
+    script.write_text(FAKE_SCRIPT)
+    given = GridSpec("g2", (str(script),), ("CartPole-v1",), (1, 2, 3), ("--total-timesteps", "10"))
+    paths = GridPaths(tmp_path / "grids" / "g2")
+    grid.load_or_create_spec(paths, given)
+    first = grid.expand_grid(given)[0]
+    paths.run_dir(first).mkdir(parents=True)
+    (paths.run_dir(first) / "summary.json").write_text(json.dumps({"stop_reason": "completed"}))
+    recorded: dict = {}
+
+    class Executor(submitit.AutoExecutor):  # submitit's own debug executor (runs the tasks here), recording
+        def __init__(self, folder, cluster, **kwargs):
+            recorded.update(cluster=cluster, folder=folder, **kwargs)
+            super().__init__(folder, cluster="debug", **kwargs)
+
+        def update_parameters(self, **kwargs):
+            recorded.update(kwargs)
+            super().update_parameters(**kwargs)  # slurm_* names are checked against the Slurm executor's
+
+    monkeypatch.setattr(submitit, "AutoExecutor", Executor)
+    monkeypatch.setenv("FAKE_EXIT", "0")
+    args = grid.Args(name="g2", root=tmp_path / "grids", slurm=True, slurm_partition="gpu", slurm_max_parallel=2,
+                     slurm_directive=("account=rl",))
+    assert grid.main(args, []) == 0
+    assert recorded["cluster"] == "slurm" and recorded["folder"] == paths.root / "slurm" / "%j"
+    assert (recorded["slurm_partition"], recorded["gpus_per_node"], recorded["slurm_array_parallelism"]) == (
+        "gpu", 1, 2)
+    assert recorded["slurm_signal_delay_s"] == 300 and recorded["slurm_additional_parameters"] == {"account": "rl"}
+    assert recorded["timeout_min"] == 2880 and recorded["slurm_max_num_timeout"] == 20
+    jobs = grid.submit(paths, [c for c in grid.expand_grid(given) if not paths.done(c)], args)
+    assert len(jobs) == 2 and [job.result() for job in jobs] == ["done", "done"]  # the cell already done: not in it
+    assert not (paths.run_dir(first) / "argv.txt").exists()
+    assert all(paths.done(c) for c in grid.expand_grid(given))
+
+
+def test_old_layout_grid_folder_keeps_finished_cells_and_resumes_interrupted_ones(fake_grid, monkeypatch, capsys):
+    # benchmarks/results/grids/* as the runner of before summary.json left them: a finished cell has
+    # state/{run}.done (and a checkpoint), an interrupted one only its checkpoint and a state json
+    runner, cell = fake_grid
+    paths = runner.paths
+    paths.run_dir(cell).mkdir(parents=True)
+    (paths.run_dir(cell) / "checkpoint.pt").write_bytes(b"")
+    (paths.root / "state").mkdir()
+    (paths.root / "state" / f"{cell.run_name}.json").write_text(json.dumps(
+        {"status": "running", "attempts": 1, "failures": 0, "wall_s": 100.0, "started": 1.0}))
+    (paths.root / "state" / f"{cell.run_name}.lock").write_text("")
+    assert grid.plan(paths, cell, 3) == grid.RESUME
+    assert grid.main(grid.Args(name="fake", root=paths.root.parent, dry_run=True), []) == 0
+    assert "] resume " in capsys.readouterr().out
+    monkeypatch.setenv("FAKE_EXIT", "0")
+    assert runner.run_cell(cell, 1) == "done"
+    assert f"--resume runs/{cell.run_name}/checkpoint.pt" in argv_lines(paths, cell)[0]
+    state = json.loads(paths.state(cell).read_text())
+    assert state["attempts"] == 2 and state["wall_s"] > 100.0  # the old attempts' count and time carry on
+
+    (paths.run_dir(cell) / "summary.json").unlink()  # finished before summary.json existed: only the marker
+    (paths.root / "state" / f"{cell.run_name}.done").write_text("exit 0\n")
+    assert paths.done(cell) and runner.run_cell(cell, 1) == grid.SKIP_DONE
+    assert len(argv_lines(paths, cell)) == 1  # not rerun
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -277,13 +405,21 @@ def test_atari_short_skips_recorded_cells_reports_and_refuses_another_protocol(t
     out.write_text(json.dumps(record))
     assert atari_short.main(atari_short.Args(dry_run=True, out=out)) == 0
     assert "to run: nothing" in capsys.readouterr().out
+    empty = tmp_path / "empty.json"  # --only: one implementation's missing cells
+    assert atari_short.main(atari_short.Args(dry_run=True, out=empty, only="sb3")) == 0
+    assert capsys.readouterr().out.strip() == "to run: SB3 BreakoutNoFrameskip-v4 seed 1"
+    assert atari_short.main(atari_short.Args(dry_run=True, out=empty, only="dqn_atari_dueling_per.py")) == 0
+    assert capsys.readouterr().out.count("__dqn_atari_dueling_per__") == 4
     assert atari_short.main(atari_short.Args(record_only=True, out=out)) == 0  # nothing to record: table and plot
-    table = (tmp_path / "atari_short.md").read_text()
-    row = next(line for line in table.splitlines() if "| dqn_atari.py " in line)
-    # seeds, final mean +- std, per seed, random, mean / random, worst seed / random, the bar
-    assert [c.strip() for c in row.strip("|").split("|")][2:] == ["1 2 3", "12.0 +- 0.8", "11.0, 12.0, 13.0", "2.00",
-                                                                   "6.0x", "5.5x", "5x"]
+    lines = (tmp_path / "atari_short.md").read_text().splitlines()
+    cells = lambda line: [c.strip() for c in line.strip("|").split("|")]  # noqa: E731
+    row = dict(zip(cells(lines[0]), cells(next(line for line in lines if "| dqn_atari.py " in line))))
+    # seeds, final mean +- std, IQM and its bootstrap CI, per seed, random, mean / random, worst seed / random, the bar
+    assert [row[k] for k in ("seeds", "final eval return (mean +- std)", "IQM", "95% CI of IQM", "per seed", "random",
+                             "mean / random", "worst seed / random", "bar")] == [
+        "1 2 3", "12.0 +- 0.8", "12.0", "[11.0, 13.0]", "11.0, 12.0, 13.0", "2.00", "6.0x", "5.5x", "5x"]
     assert (tmp_path / "atari_short_Breakout.png").stat().st_size > 0
+    assert json.loads(out.read_text())["runs"] == runs  # the record is left as it was
     out.write_text(json.dumps({**record, "protocol": {"flags": ["--total-timesteps", "1"]}}))
     assert atari_short.main(atari_short.Args(out=out)) == 2
     assert "other protocol flags" in capsys.readouterr().err
@@ -337,8 +473,10 @@ def test_game_of_and_final_scores():
     scores = plot.final_scores(runs, last_episodes=2)
     assert scores["final_eval"] == {"mean": 15.0, "std": 5.0, "n": 2}
     assert scores["train_last"]["mean"] == 3.5 and scores["steps"] == (200, 200)
+    assert (scores["final_eval_iqm"]["iqm"], scores["final_eval_iqm"]["ci_low"]) == (15.0, 10.0)
     text = plot.scores_markdown({("PongNoFrameskip-v4", "dqn_atari"): scores}, 2, [None, None], [Path("runs")])
     assert "15.0 +- 5.0" in text and "20.25 +- 0.41" in text and "18.9 +- 1.3" in text
+    assert "| 15.0 | [10.0, 20.0]" in text and "IQM" in text  # IQM over seeds and its bootstrap CI
     assert "2 of 2 runs have no record" in text
 
 

@@ -1,20 +1,10 @@
-"""UPDATE-COST HARNESS: the seconds of one gradient update of an Atari script, timed outside its training loop.
-
-The compute bound of training-phase SPS is train_frequency / seconds_per_update: even with env stepping fully hidden
-behind the learner, no run can go faster. sps.py runs this harness in a fresh process next to each training run.
-
-What is timed, per iteration (batch 32 by default), exactly the update of the script's main loop: a batch sampled
-from the script's ReplayBuffer (filled with random frames), then the script's own train_step (TD target, loss,
-backward, (grad clip,) Adam step, (PER priority update)). The networks and the optimizer are built from the script's
-Args defaults as its main() builds them (channels-last conv weights when --channels-last, fused Adam): those four
-lines are the only ones restated here; keep them in step with the scripts.
+"""Update-cost harness: the seconds of one gradient update of an Atari script (a batch from its ReplayBuffer filled with
+random frames, then its own train_step), timed outside its training loop; bound = train_frequency / seconds_per_update
+(benchmarks/README.md). The networks and optimizer are built as the script's main() builds them: keep in step.
 
     python -m benchmarks.update_cost --script dqn_atari.py
 """
 
-from __future__ import annotations
-
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
@@ -24,7 +14,7 @@ import numpy as np
 import torch
 import tyro
 
-from benchmarks.common import ATARI_SCRIPTS, RESULTS_DIR, format_table, load_script, write_json
+from benchmarks.common import ATARI_SCRIPTS, RESULTS_DIR, format_table, load_script, timed_blocks, write_json
 
 
 def fill_random(rb: Any, slots: int, num_envs: int, n_actions: int, seed: int = 0) -> None:
@@ -42,10 +32,9 @@ def fill_random(rb: Any, slots: int, num_envs: int, n_actions: int, seed: int = 
 
 def make_update(mod: ModuleType, rb: Any, n_actions: int, batch_size: int, device: torch.device,
                 plain: bool = False) -> Callable[[], Any]:
-    """One update of the script: sample a batch, then the script's own train_step, on fresh networks and optimizer
-    built as its main() builds them from its defaults (channels-last conv weights, fused Adam). plain=True builds them
-    as CleanRL and SB3 do instead (NCHW weights, Adam's default for-loop implementation): the same math, for a
-    same-machine comparison of the update alone."""
+    """One update of the script (sample a batch, its own train_step) on networks and optimizer built as its main()
+    builds them (channels-last conv weights, fused Adam), or with plain=True as CleanRL and SB3 do (NCHW weights,
+    for-loop Adam): the same math, for a same-machine comparison of the update alone."""
     args = mod.Args()
     memory_format = torch.channels_last if args.channels_last and not plain else torch.preserve_format
     q_network = mod.QNetwork(n_actions).to(device, memory_format=memory_format)
@@ -63,8 +52,8 @@ def make_update(mod: ModuleType, rb: Any, n_actions: int, batch_size: int, devic
 def measure_update_cost(script: str, env_id: str = "BreakoutNoFrameskip-v4", cuda: bool = False,
                         capacity: int = 12_000, batch_size: int = 32, warmup: int = 20, iters: int = 500,
                         blocks: int = 5, plain: bool = False) -> dict[str, Any]:
-    """Seconds per update of `script`, from `iters` updates timed in `blocks` equal blocks after `warmup` untimed ones.
-    Runs in the calling process: sps.py calls it in a fresh one (common.in_fresh_process)."""
+    """Seconds per update of `script`, from `iters` updates timed in `blocks` equal blocks after `warmup` untimed ones
+    (sps.py calls it in a fresh process)."""
     mod = load_script(script)
     defaults = mod.Args()
     device = torch.device("cuda" if cuda and torch.cuda.is_available() else "cpu")
@@ -74,56 +63,30 @@ def measure_update_cost(script: str, env_id: str = "BreakoutNoFrameskip-v4", cud
     probe = mod.make_env(game, 1, sticky, 108_000, train=True)
     n_actions = int(probe.single_action_space.n)
     probe.close()
-    num_envs = 1
     rb_kwargs = {}
     if hasattr(defaults, "prioritized_replay_alpha"):  # the PER buffer's priority exponent and floor
         rb_kwargs = {"alpha": defaults.prioritized_replay_alpha, "eps": defaults.prioritized_replay_eps}
-    rb = mod.ReplayBuffer(capacity, num_envs, device, device, **rb_kwargs)  # storage on the learner's device
-    fill_random(rb, rb.per_env, num_envs, n_actions)
-    update = make_update(mod, rb, n_actions, batch_size, device, plain)
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()  # sync point: GPU work is asynchronous, the clock must wait for it
-
-    for _ in range(warmup):
-        update()
-    sync()
-    per_block = max(1, iters // blocks)
-    block_seconds = []
-    for _ in range(blocks):
-        start = time.perf_counter()
-        for _ in range(per_block):
-            update()
-        sync()
-        block_seconds.append((time.perf_counter() - start) / per_block)
+    rb = mod.ReplayBuffer(capacity, 1, device, device, **rb_kwargs)  # 1 env; storage on the learner's device
+    fill_random(rb, rb.per_env, 1, n_actions)
+    block_seconds = timed_blocks(make_update(mod, rb, n_actions, batch_size, device, plain), device, warmup, iters,
+                                 blocks)
     return {"script": script, "plain": plain, "device": str(device), "torch_threads": torch.get_num_threads(),
             "n_actions": n_actions, "capacity": capacity, "batch_size": batch_size, "warmup": warmup,
-            "iters": per_block * blocks,
-            "seconds_per_update": float(np.mean(block_seconds)), "block_min_s": min(block_seconds),
-            "block_max_s": max(block_seconds)}
+            "iters": max(1, iters // blocks) * blocks, "seconds_per_update": float(np.mean(block_seconds)),
+            "block_min_s": min(block_seconds), "block_max_s": max(block_seconds)}
 
 
 @dataclass
 class Args:
-    script: str = "dqn_atari.py"
-    """the Atari script whose update is timed"""
-    env_id: str = "BreakoutNoFrameskip-v4"
-    """the game (it sets the number of actions)"""
-    cuda: bool = False
-    """time on the GPU"""
-    capacity: int = 12_000
-    """replay capacity filled with random frames"""
-    batch_size: int = 32
-    """the batch size of each update"""
-    iters: int = 500
-    """timed updates"""
-    train_frequency: int = 4
-    """env steps per update, for the bound train_frequency / seconds_per_update"""
-    plain: bool = False
-    """build the networks and optimizer as CleanRL and SB3 do (NCHW weights, for-loop Adam) instead of as the script"""
-    out: Optional[Path] = None
-    """the JSON file (default: results/update_cost__{script}[__plain][__cuda].json)"""
+    script: str = "dqn_atari.py"  # the Atari script whose update is timed
+    env_id: str = "BreakoutNoFrameskip-v4"  # the game (it sets the number of actions)
+    cuda: bool = False  # time on the GPU
+    capacity: int = 12_000  # replay capacity filled with random frames
+    batch_size: int = 32  # the batch size of each update
+    iters: int = 500  # timed updates
+    train_frequency: int = 4  # env steps per update, for the bound train_frequency / seconds_per_update
+    plain: bool = False  # build networks and optimizer as CleanRL and SB3 do (NCHW weights, for-loop Adam)
+    out: Optional[Path] = None  # the JSON file (default: results/update_cost__{script}[__plain][__cuda].json)
 
 
 def main(args: Args) -> None:

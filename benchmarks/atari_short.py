@@ -26,7 +26,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import tyro
@@ -200,6 +200,8 @@ class Args:
     """train nothing: record the cells the grids have finished (and the random baseline); rewrite table and plots"""
     sb3: bool = True
     """also run Stable-Baselines3's DQN cell(s)"""
+    only: Optional[str] = None
+    """run only this implementation's missing cells: a script (dqn_atari.py, dqn_atari_dueling_per.py) or sb3"""
     max_attempts: int = 3
     """leave a grid cell alone after it failed this many times"""
     out: Path = RESULTS_DIR / "atari_short.json"
@@ -219,8 +221,10 @@ def main(args: Args) -> int:
             return 2
         data["protocol"] = protocol
     done = {key(r) for r in data["runs"]}
-    todo = [c for env_id in PLAN for c in wanted_cells(env_id) if (c.script, c.env_id, c.seed) not in done]
-    sb3_todo = [c for c in SB3_CELLS if args.sb3 and not any(k[1:] == c and k[0].startswith("stable") for k in done)]
+    todo = [c for env_id in PLAN for c in wanted_cells(env_id) if (c.script, c.env_id, c.seed) not in done
+            and args.only in (None, c.script)]
+    sb3_todo = [c for c in SB3_CELLS if args.sb3 and args.only in (None, "sb3")
+                and not any(k[1:] == c and k[0].startswith("stable") for k in done)]
     if args.dry_run:
         print("to run: " + (", ".join([c.run_name for c in todo] + [f"SB3 {e} seed {s}" for e, s in sb3_todo]) or
                             "nothing"))

@@ -277,6 +277,11 @@ def test_atari_short_skips_recorded_cells_reports_and_refuses_another_protocol(t
     out.write_text(json.dumps(record))
     assert atari_short.main(atari_short.Args(dry_run=True, out=out)) == 0
     assert "to run: nothing" in capsys.readouterr().out
+    empty = tmp_path / "empty.json"  # --only: one implementation's missing cells
+    assert atari_short.main(atari_short.Args(dry_run=True, out=empty, only="sb3")) == 0
+    assert capsys.readouterr().out.strip() == "to run: SB3 BreakoutNoFrameskip-v4 seed 1"
+    assert atari_short.main(atari_short.Args(dry_run=True, out=empty, only="dqn_atari_dueling_per.py")) == 0
+    assert capsys.readouterr().out.count("__dqn_atari_dueling_per__") == 4
     assert atari_short.main(atari_short.Args(record_only=True, out=out)) == 0  # nothing to record: table and plot
     table = (tmp_path / "atari_short.md").read_text()
     row = next(line for line in table.splitlines() if "| dqn_atari.py " in line)

@@ -1,2 +1,2 @@
 """Benchmark tooling for the three DQN scripts (issue 5). Run the entry points from the repository root as modules,
-e.g. `python -m benchmarks.sps`; benchmarks/README.md lists them."""
+e.g. `python -m benchmarks.measure sps`; benchmarks/README.md lists them."""

@@ -1,11 +1,5 @@
-"""Short-horizon Atari learning evidence on a CPU: both Atari scripts on one fixed 200k-step protocol over a grid of
-(script, env id, seed) run through grid.py, next to a random policy and one seed of Stable-Baselines3's DQN.
-results/atari_short.json is the record (a cell in it is never rerun); benchmarks/README.md describes the protocol.
-
-    python -m benchmarks.atari_short                  # run what is missing, one run at a time, then report
-    python -m benchmarks.atari_short --dry-run        # what would run
-    python -m benchmarks.atari_short --record-only    # train nothing: record finished cells, rewrite table and plots
-"""
+"""Short-horizon Atari learning evidence on a CPU: both Atari scripts on one 200k-step protocol through grid.py, next to
+a random policy and SB3's DQN; results/atari_short.json is the record (protocol and commands: benchmarks/README.md)."""
 
 import json
 import sys
@@ -21,7 +15,7 @@ from benchmarks.common import (RESULTS_DIR, describe_machine, format_table, in_f
 from benchmarks.grid import (GRID_ROOT, SKIP_DONE, Cell, GridPaths, GridSpec, Runner, expand_grid, load_or_create_spec,
                              run_cells)
 from benchmarks.plot import EVAL_TAG, game_of, save_figure, style_axes
-from benchmarks.sb3_compare import sb3_run
+from benchmarks.measure import sb3_run
 
 PROTOCOL = ("--total-timesteps", "200000", "--learning-starts", "20000", "--buffer-size", "100000",
             "--exploration-fraction", "0.5", "--target-network-frequency", "1000", "--train-frequency", "4",

@@ -1,6 +1,5 @@
-"""Shared helpers of the benchmark entry points: run a script and read back its summary.json and TensorBoard events,
-the SPS arithmetic, IQM with a bootstrap CI over seeds, tables, JSON with a record of the machine, and the reference
-numbers quoted from shared/NOTES.md. Nothing here parses the scripts' printed lines (STYLE.md rule 11)."""
+"""Shared helpers of the benchmark entry points (benchmarks/README.md). Nothing here parses the scripts' printed lines
+(STYLE.md rule 11): a run is read from its summary.json and TensorBoard events."""
 
 import importlib.util
 import json
@@ -12,11 +11,12 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -28,6 +28,7 @@ SCRIPTS = (CARTPOLE_SCRIPT, *ATARI_SCRIPTS)
 RUN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=+-]*")  # what the scripts accept for --run-name
 KB = 1000  # the notes quote decimal kilobytes (CleanRL 4 * 84 * 84 bytes = 28.2 KB)
 NOTES = "shared/NOTES.md"
+ScalarPoint = NamedTuple("ScalarPoint", [("step", int), ("wall_time", float), ("value", float)])  # a TensorBoard event
 
 
 @dataclass(frozen=True)
@@ -141,13 +142,6 @@ def timed_blocks(step: Callable[[], Any], device: Any, warmup: int, iters: int, 
         sync()
         seconds.append((time.perf_counter() - start) / per_block)
     return seconds
-
-
-@dataclass(frozen=True)
-class ScalarPoint:
-    step: int
-    wall_time: float
-    value: float
 
 
 def _accumulator(run_dir: Path) -> Any:
@@ -265,14 +259,19 @@ def git_state() -> dict[str, Any]:
             "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
-def write_json(path: Path, payload: dict[str, Any]) -> Path:
-    """payload plus `meta` (command line, time, machine, git state) to `path`, atomically."""
+def write_atomic(path: Path, payload: dict[str, Any]) -> None:
+    """`payload` as JSON through a temporary file: a reader (or a crash) never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}.{threading.get_ident()}")
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> Path:
+    """payload plus `meta` (command line, time, machine, git state) to `path`."""
     meta = {"argv": sys.argv, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine_info(),
             "git": git_state()}
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps({**payload, "meta": meta}, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, {**payload, "meta": meta})
     print(f"machine: {describe_machine(meta['machine'])}\nwrote {path}")
     return path
 
@@ -282,52 +281,3 @@ def require_cuda(cuda: bool) -> None:
     import torch
     if cuda and not torch.cuda.is_available():
         raise SystemExit("--cuda was given but torch sees no CUDA device here")
-
-
-def split_passthrough(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """`own args -- script flags`: what follows a lone `--` goes to the scripts untouched."""
-    argv = list(argv)
-    return (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
-
-
-def timestamp_tag(prefix: str) -> str:
-    """A run-name tag unique per second: sps-20261123-071500."""
-    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-@dataclass
-class AtariBenchConfig:
-    """The Atari configuration CleanRL's 108 SPS and SB3's 91 SPS were measured in (NOTES.md)."""
-
-    env_id: str = "BreakoutNoFrameskip-v4"  # the Atari game
-    seed: int = 1  # the seed of the runs
-    total_timesteps: int = 12_000  # env steps of each run
-    learning_starts: int = 2_000  # env step at which updates start
-    batch_size: int = 32  # the batch size of each update
-    train_frequency: int = 4  # env steps per gradient update
-    buffer_size: Optional[int] = None  # replay capacity (default: total-timesteps: nothing is ever overwritten)
-    max_episode_frames: int = 10_000  # frame cap of an episode (bounds the final 1-episode evaluation; training too)
-    num_envs: int = 1  # parallel envs of our scripts (SB3 always uses 1)
-    cuda: bool = False  # run on the GPU (--cuda to the scripts) instead of the CPU
-    out_dir: Path = RESULTS_DIR  # where JSON results, and the scripts' runs/ and logs go
-
-    def capacity(self) -> int:
-        return self.buffer_size or self.total_timesteps
-
-    def script_flags(self, run_name: str) -> list[str]:
-        """Our Atari scripts' flags for this config: evaluation only at the end (1 episode), no periodic checkpoint."""
-        return ["--env-id", self.env_id, "--seed", str(self.seed), "--run-name", run_name,
-                "--total-timesteps", str(self.total_timesteps), "--learning-starts", str(self.learning_starts),
-                "--batch-size", str(self.batch_size), "--train-frequency", str(self.train_frequency),
-                "--buffer-size", str(self.capacity()), "--num-envs", str(self.num_envs),
-                "--eval-frequency", "0", "--eval-episodes", "1", "--max-episode-frames", str(self.max_episode_frames),
-                "--checkpoint-frequency", "0", "--cuda" if self.cuda else "--no-cuda"]
-
-
-def measure_script_sps(script: str, flags: list[str], run_name: str, workdir: Path) -> dict[str, Any]:
-    """Runs a script to completion in `workdir`; its training-phase SPS from its events, its summary.json, and the
-    seconds of the whole process (start-up, warm-up, training, final evaluation, checkpoint)."""
-    wall_s = run_script(script, flags, workdir, workdir / "logs" / f"{run_name}.log")
-    run_dir = workdir / "runs" / run_name
-    return {"script": script, "run_name": run_name, "run_dir": str(run_dir), "wall_s": wall_s,
-            "training": training_sps(run_dir), "summary": read_summary(run_dir)}

@@ -1,14 +1,7 @@
-"""Multi-seed, multi-env runner: a grid of (script, env id, seed) cells, run here by a small worker pool or on Slurm as
-a submitit job array with requeue. Resume comes from the scripts: a cell is done when its runs/{run_name}/summary.json
-says so, continues with --resume from its checkpoint, or starts. Layout and rules: benchmarks/README.md.
-
-    python -m benchmarks.grid --name g --scripts dqn_atari.py --env-ids PongNoFrameskip-v4 --seeds 1 2 3 \\
-        -- --total-timesteps 10000000 --checkpoint-frequency 250000
-    python -m benchmarks.grid --name g [--slurm]     # resume it here [submit its unfinished cells to Slurm]
-"""
+"""Multi-seed, multi-env runner: (script, env id, seed) cells run by a local worker pool or as a Slurm job array, each
+resumed by the scripts themselves (layout, rules, commands: benchmarks/README.md)."""
 
 import itertools
-import json
 import os
 import shlex
 import signal
@@ -24,7 +17,7 @@ from typing import Any, Optional, Sequence
 import tyro
 
 from benchmarks.common import (REPO_ROOT, RESULTS_DIR, RUN_NAME_RE, describe_machine, git_state, machine_info,
-                               read_json, read_summary, run_name_for, script_path, split_passthrough)
+                               read_json, read_summary, run_name_for, script_path, write_atomic)
 
 GRID_ROOT = RESULTS_DIR / "grids"
 # flags the grid sets per cell; in the extra flags they would make cells collide or break resumption
@@ -115,13 +108,6 @@ def load_or_create_spec(paths: GridPaths, given: Optional[GridSpec]) -> GridSpec
         raise SystemExit("bad grid: " + "; ".join(problems))
     write_atomic(paths.spec, asdict(given))
     return given
-
-
-def write_atomic(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}.{threading.get_ident()}")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def plan_cell(done: bool, has_checkpoint: bool, failures: int, max_attempts: int) -> str:
@@ -283,6 +269,7 @@ class Args:
     slurm_signal_s: int = 300  # Slurm signals a task this many seconds before its time limit
     slurm_max_requeues: int = 20  # requeues after time limits per task, at most
     slurm_directive: tuple[str, ...] = ()  # extra sbatch options as key=value, e.g. --slurm-directive account=rl
+    extra: tyro.conf.Positional[tuple[str, ...]] = ()  # flags given to every cell of a new grid, after --
 
 
 def submit(paths: GridPaths, cells: Sequence[Cell], args: Args, cluster: str = "slurm") -> list[Any]:
@@ -302,12 +289,12 @@ def submit(paths: GridPaths, cells: Sequence[Cell], args: Args, cluster: str = "
                               [args.max_attempts] * n, [args.python] * n)
 
 
-def main(args: Args, extra: list[str]) -> int:
+def main(args: Args) -> int:
     paths, given = GridPaths(args.root / args.name), None
     if args.scripts is not None or args.env_ids is not None or args.seeds is not None:
         given = GridSpec(args.name, tuple(args.scripts or ()), tuple(args.env_ids or ()), tuple(args.seeds or ()),
-                         tuple(extra), args.track, args.wandb_project_name, args.wandb_entity)
-    elif extra:
+                         args.extra, args.track, args.wandb_project_name, args.wandb_entity)
+    elif args.extra:
         raise SystemExit("flags after -- belong to a grid's spec: give them with --scripts, --env-ids and --seeds")
     cells = expand_grid(spec := load_or_create_spec(paths, given))
     plans = {cell.run_name: plan(paths, cell, args.max_attempts) for cell in cells}
@@ -331,5 +318,4 @@ def main(args: Args, extra: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    own, passthrough = split_passthrough(sys.argv[1:])
-    sys.exit(main(tyro.cli(Args, args=own), passthrough))
+    sys.exit(main(tyro.cli(Args)))

@@ -1,8 +1,5 @@
-"""Learning curves and a final-score table (mean +- std and IQM with a bootstrap CI over seeds) from our TensorBoard
-runs, next to the published scores in shared/NOTES.md (benchmarks/README.md).
-
-    python -m benchmarks.plot benchmarks/results/grids/NAME/runs           # -> benchmarks/results/plots/
-"""
+"""Learning curves and a final-score table (mean +- std, IQM with a bootstrap CI) over seeds from our TensorBoard runs,
+next to the published scores in shared/NOTES.md (benchmarks/README.md)."""
 
 import re
 import sys
@@ -42,18 +39,14 @@ def find_run_dirs(paths: Sequence[Path]) -> list[Path]:
                    if not {"wandb", "stale"} & set(events.relative_to(path).parts[:-1])})
 
 
-def parse_run_name(name: str) -> Optional[tuple[str, str, int]]:
-    """'{env}__{exp_name}__{seed}__{anything}' -> (env, exp_name, seed) ('/' in the env became '-'); else None."""
-    parts = name.split("__")
-    return (parts[0], parts[1], int(parts[2])) if len(parts) >= 3 and re.fullmatch(r"-?\d+", parts[2]) else None
-
-
 def identify(run_dir: Path, hparams: dict[str, str]) -> Optional[tuple[str, str, int]]:
-    """(env id, exp name, seed) from the hyperparameters text, else from the run name."""
+    """(env id, exp name, seed) from the hyperparameters text, else from a run name '{env}__{exp_name}__{seed}__...'
+    ('/' in the env became '-'); None when neither."""
     try:
         return hparams["env_id"], hparams["exp_name"], int(hparams["seed"])
     except (KeyError, ValueError):
-        return parse_run_name(run_dir.name)
+        parts = run_dir.name.split("__")
+        return (parts[0], parts[1], int(parts[2])) if len(parts) >= 3 and re.fullmatch(r"-?\d+", parts[2]) else None
 
 
 def load_runs(paths: Sequence[Path]) -> list[RunData]:

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import atari_short, cartpole_solve, common, grid, memory, plot
+from benchmarks import atari_short, common, grid, measure, plot
 from benchmarks.common import ScalarPoint
 from benchmarks.grid import GridPaths, GridSpec
 
@@ -69,14 +69,14 @@ def test_cartpole_solve_reads_the_goal_and_the_run_from_summary_json(tmp_path):
                "goal_reached_step": 27500, "goal_reached_s": 31.2}
     (run_dir / "summary.json").write_text(json.dumps(summary))
     assert common.read_summary(run_dir) == summary
-    result = cartpole_solve.solve_result(1, run_dir.name, 40.0, common.read_summary(run_dir))
+    result = measure.solve_result(1, run_dir.name, 40.0, common.read_summary(run_dir))
     assert (result["solved"], result["steps"], result["seconds"], result["eval_mean"]) == (True, 27500, 31.2, 480.3)
     assert result["summary"]["gradient_updates"] == 26500 and result["process_wall_s"] == 40.0
-    unsolved = cartpole_solve.solve_result(2, "r", 50.0, {"stop_reason": "completed", "goal_reached_step": None,
+    unsolved = measure.solve_result(2, "r", 50.0, {"stop_reason": "completed", "goal_reached_step": None,
                                                           "goal_reached_s": None, "best_eval_return": None})
     assert not unsolved["solved"] and unsolved["steps"] is None and unsolved["eval_mean"] is None
     assert common.read_summary(tmp_path / "runs" / "absent") == {}  # a run that has not ended yet
-    summary = cartpole_solve.summarize([result, unsolved, {**result, "steps": 5000, "seconds": 6.0}])
+    summary = measure.solve_summary([result, unsolved, {**result, "steps": 5000, "seconds": 6.0}])
     assert (summary["seeds"], summary["solved"], summary["median_steps"], summary["min_seconds"]) == (3, 2, 16250, 6.0)
 
 
@@ -104,14 +104,18 @@ def test_run_name_follows_the_scripts_pattern():
         common.run_name_for("CartPole-v1", "dqn_cartpole.py", 1, "bad name")
 
 
-def test_split_passthrough():
-    assert common.split_passthrough(["--name", "g", "--", "--total-timesteps", "5"]) == (
-        ["--name", "g"], ["--total-timesteps", "5"])
-    assert common.split_passthrough(["--name", "g"]) == (["--name", "g"], [])
+def test_flags_after_a_lone_double_dash_go_to_the_scripts():
+    import tyro
+
+    args = tyro.cli(grid.Args, args=["--name", "g", "--seeds", "1", "2", "--", "--total-timesteps", "5", "--cuda"])
+    assert (args.name, args.seeds, args.extra) == ("g", (1, 2), ("--total-timesteps", "5", "--cuda"))
+    assert tyro.cli(grid.Args, args=["--name", "g"]).extra == ()
+    solve = tyro.cli(measure.CartpoleSolve, args=["--seeds", "1", "--", "--learning-rate", "5e-4"])
+    assert (solve.seeds, solve.script_flags) == ((1,), ("--learning-rate", "5e-4"))
 
 
 def test_atari_flags_evaluate_only_at_the_end_without_periodic_checkpoints():
-    flags = common.AtariBenchConfig(total_timesteps=12_000, num_envs=4, cuda=True).script_flags("r")
+    flags = measure.AtariBenchConfig(total_timesteps=12_000, num_envs=4, cuda=True).script_flags("r")
     pairs = dict(zip(flags[::2], flags[1::2]))  # flag -> value, except the final --cuda
     assert pairs["--buffer-size"] == "12000" and pairs["--num-envs"] == "4" and pairs["--eval-frequency"] == "0"
     assert pairs["--checkpoint-frequency"] == "0" and pairs["--eval-episodes"] == "1" and flags[-1] == "--cuda"
@@ -342,7 +346,7 @@ def test_slurm_submits_the_unfinished_cells_as_one_submitit_job_array(tmp_path, 
     monkeypatch.setenv("FAKE_EXIT", "0")
     args = grid.Args(name="g2", root=tmp_path / "grids", slurm=True, slurm_partition="gpu", slurm_max_parallel=2,
                      slurm_directive=("account=rl",))
-    assert grid.main(args, []) == 0
+    assert grid.main(args) == 0
     assert recorded["cluster"] == "slurm" and recorded["folder"] == paths.root / "slurm" / "%j"
     assert (recorded["slurm_partition"], recorded["gpus_per_node"], recorded["slurm_array_parallelism"]) == (
         "gpu", 1, 2)
@@ -366,7 +370,7 @@ def test_old_layout_grid_folder_keeps_finished_cells_and_resumes_interrupted_one
         {"status": "running", "attempts": 1, "failures": 0, "wall_s": 100.0, "started": 1.0}))
     (paths.root / "state" / f"{cell.run_name}.lock").write_text("")
     assert grid.plan(paths, cell, 3) == grid.RESUME
-    assert grid.main(grid.Args(name="fake", root=paths.root.parent, dry_run=True), []) == 0
+    assert grid.main(grid.Args(name="fake", root=paths.root.parent, dry_run=True)) == 0
     assert "] resume " in capsys.readouterr().out
     monkeypatch.setenv("FAKE_EXIT", "0")
     assert runner.run_cell(cell, 1) == "done"
@@ -428,9 +432,9 @@ def test_atari_short_skips_recorded_cells_reports_and_refuses_another_protocol(t
 # ---------------------------------------------------------------------------------------------------------------------
 # plot
 # ---------------------------------------------------------------------------------------------------------------------
-def test_parse_run_name_and_identify():
-    assert plot.parse_run_name("ALE-Pong-v5__dqn_atari__3__1700000000") == ("ALE-Pong-v5", "dqn_atari", 3)
-    assert plot.parse_run_name("sps-run") is None and plot.parse_run_name("a__b__c") is None
+def test_identify_from_hyperparameters_or_the_run_name():
+    assert plot.identify(Path("ALE-Pong-v5__dqn_atari__3__1700000000"), {}) == ("ALE-Pong-v5", "dqn_atari", 3)
+    assert plot.identify(Path("sps-run"), {}) is None and plot.identify(Path("a__b__c"), {}) is None
     run = Path("BreakoutNoFrameskip-v4__dqn_atari__2__g")
     assert plot.identify(run, {}) == ("BreakoutNoFrameskip-v4", "dqn_atari", 2)
     assert plot.identify(run, {"env_id": "ALE/Pong-v5", "exp_name": "x", "seed": "7"}) == ("ALE/Pong-v5", "x", 7)
@@ -499,12 +503,12 @@ def test_tensor_bytes_counts_each_storage_once():
             self.again = self.nested
             self.n = 3
 
-    assert memory.tensor_bytes(Holder()) == 10 + 16
+    assert measure.tensor_bytes(Holder()) == 10 + 16
 
 
 @pytest.mark.parametrize("script", common.ATARI_SCRIPTS)
 def test_replay_bytes_matches_the_scripts_bytes_needed(script):
-    result = memory.replay_bytes(script, capacity=1_000, num_envs=1, full_capacity=1_000_000)
+    result = measure.replay_bytes(script, capacity=1_000, num_envs=1, full_capacity=1_000_000)
     # the PER buffer also holds a scalar max priority (8 bytes) that bytes_needed leaves out
     assert 0 <= result["allocated_bytes"] - result["bytes_needed_at_capacity"] <= 8
     assert 7_000 < result["bytes_per_transition"] < 7_200
@@ -512,22 +516,18 @@ def test_replay_bytes_matches_the_scripts_bytes_needed(script):
 
 @pytest.mark.parametrize("script", common.ATARI_SCRIPTS)
 def test_update_cost_harness_takes_updates(script):
-    from benchmarks.update_cost import measure_update_cost
-
-    result = measure_update_cost(script, capacity=64, warmup=1, iters=2, blocks=2)
+    result = measure.UpdateCost(script, capacity=64, iters=2).measure(warmup=1, blocks=2)
     assert result["iters"] == 2 and result["seconds_per_update"] > 0 and result["n_actions"] == 4
 
 
 def test_per_diagnose_reads_a_checkpoint(tmp_path):
     import subprocess
 
-    from benchmarks.per_diagnose import diagnose
-
     subprocess.run([sys.executable, str(common.script_path("dqn_atari_dueling_per.py")), "--learning-starts", "10",
                     "--total-timesteps", "40", "--buffer-size", "64", "--batch-size", "4", "--eval-episodes", "1",
                     "--max-episode-frames", "400", "--checkpoint-buffer", "--run-name", "d", "--no-cuda"],
                    cwd=tmp_path, check=True, capture_output=True)
-    d = diagnose(tmp_path / "runs/d/checkpoint.pt", batches=5)
+    d = measure.diagnose(tmp_path / "runs/d/checkpoint.pt", batches=5)
     assert d["global_step"] == 40 and d["beta"] == 1.0 and d["adam_eps"] == 1e-8  # beta reaches 1 at the end
     assert 0 < d["is_weight"]["min"] <= d["is_weight"]["mean"] <= 1
     assert 0 <= d["adam_sqrt_v_hat"]["share_below_eps"] <= 1 and d["adam_sqrt_v_hat"]["p99"] > 0

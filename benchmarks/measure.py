@@ -1,0 +1,536 @@
+"""The one-shot measurements, one subcommand each, each writing a JSON under benchmarks/results/ (definitions and
+configurations: benchmarks/README.md). `python -m benchmarks.measure --help` lists them."""
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import tyro
+
+from benchmarks.common import (ATARI_SCRIPTS, CARTPOLE_SCRIPT, KB, REFERENCES, RESULTS_DIR, SCRIPTS, fmt, format_table,
+                               in_fresh_process, load_script, read_summary, references_json, require_cuda,
+                               run_name_for, run_script, sps_from_points, timed_blocks, training_sps, write_json)
+
+PER_SCRIPT = "dqn_atari_dueling_per.py"
+LOG_EVERY = 100  # the scripts log losses/td_loss every 100 updates; SB3 is timed at the same env steps
+
+
+def timestamp_tag(prefix: str) -> str:
+    """A run-name tag unique per second: sps-20261123-071500."""
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+@dataclass
+class AtariBenchConfig:
+    """The Atari configuration CleanRL's 108 SPS and SB3's 91 SPS were measured in (NOTES.md)."""
+
+    env_id: str = "BreakoutNoFrameskip-v4"  # the Atari game
+    seed: int = 1  # the seed of the runs
+    total_timesteps: int = 12_000  # env steps of each run
+    learning_starts: int = 2_000  # env step at which updates start
+    batch_size: int = 32  # the batch size of each update
+    train_frequency: int = 4  # env steps per gradient update
+    buffer_size: Optional[int] = None  # replay capacity (default: total-timesteps: nothing is ever overwritten)
+    max_episode_frames: int = 10_000  # frame cap of an episode (bounds the final 1-episode evaluation; training too)
+    num_envs: int = 1  # parallel envs of our scripts (SB3 always uses 1)
+    cuda: bool = False  # run on the GPU (--cuda to the scripts) instead of the CPU
+    out_dir: Path = RESULTS_DIR  # where JSON results, and the scripts' runs/ and logs go
+
+    def capacity(self) -> int:
+        return self.buffer_size or self.total_timesteps
+
+    def script_flags(self, run_name: str) -> list[str]:
+        """Our Atari scripts' flags for this config: evaluation only at the end (1 episode), no periodic checkpoint."""
+        return ["--env-id", self.env_id, "--seed", str(self.seed), "--run-name", run_name,
+                "--total-timesteps", str(self.total_timesteps), "--learning-starts", str(self.learning_starts),
+                "--batch-size", str(self.batch_size), "--train-frequency", str(self.train_frequency),
+                "--buffer-size", str(self.capacity()), "--num-envs", str(self.num_envs),
+                "--eval-frequency", "0", "--eval-episodes", "1", "--max-episode-frames", str(self.max_episode_frames),
+                "--checkpoint-frequency", "0", "--cuda" if self.cuda else "--no-cuda"]
+
+
+def measure_script_sps(script: str, flags: list[str], run_name: str, workdir: Path) -> dict[str, Any]:
+    """Runs a script to completion in `workdir`; its training-phase SPS from its events, its summary.json, and the
+    seconds of the whole process (start-up, warm-up, training, final evaluation, checkpoint)."""
+    wall_s = run_script(script, flags, workdir, workdir / "logs" / f"{run_name}.log")
+    run_dir = workdir / "runs" / run_name
+    return {"script": script, "run_name": run_name, "run_dir": str(run_dir), "wall_s": wall_s,
+            "training": training_sps(run_dir), "summary": read_summary(run_dir)}
+
+
+def fill_random(rb: Any, slots: int, num_envs: int, n_actions: int, seed: int = 0) -> None:
+    """Fills `slots` slots per env through the buffer's own add(): random frames, actions and 0/1 rewards, 2% dones
+    (life losses), and the first slot of each stream marked as a game's first frame, as the script does at reset."""
+    rng = np.random.default_rng(seed)
+    zeros = np.zeros(num_envs)
+    rb.add(rng.integers(0, 256, (num_envs, 84, 84), dtype=np.uint8), zeros, zeros, zeros,
+           firsts=np.ones(num_envs, dtype=bool))
+    for _ in range(slots - 1):
+        rb.add(rng.integers(0, 256, (num_envs, 84, 84), dtype=np.uint8), rng.integers(n_actions, size=num_envs),
+               (rng.random(num_envs) < 0.05).astype(np.float64), rng.random(num_envs) < 0.02,
+               firsts=np.zeros(num_envs, dtype=bool))
+
+
+def make_update(mod: ModuleType, rb: Any, n_actions: int, batch_size: int, device: torch.device,
+                plain: bool = False) -> Callable[[], Any]:
+    """One update of the script (sample a batch, its own train_step) on networks and optimizer built as its main()
+    builds them (channels-last conv weights, fused Adam; keep in step with it), or with plain=True as CleanRL and SB3
+    do (NCHW weights, for-loop Adam): the same math, for a same-machine comparison of the update alone."""
+    args = mod.Args()
+    memory_format = torch.channels_last if args.channels_last and not plain else torch.preserve_format
+    q_network = mod.QNetwork(n_actions).to(device, memory_format=memory_format)
+    target_network = mod.QNetwork(n_actions).to(device, memory_format=memory_format)
+    target_network.load_state_dict(q_network.state_dict())
+    adam_kwargs = {"eps": args.adam_eps} if hasattr(args, "adam_eps") else {}
+    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, fused=not plain, **adam_kwargs)
+    if hasattr(rb, "update_priorities"):  # dqn_atari_dueling_per.py: PER sampling and priority updates
+        return lambda: mod.train_step(q_network, target_network, optimizer, rb,
+                                      rb.sample(batch_size, args.prioritized_replay_beta0), args.gamma,
+                                      args.max_grad_norm)
+    return lambda: mod.train_step(q_network, target_network, optimizer, rb.sample(batch_size), args.gamma)
+
+
+@dataclass
+class UpdateCost:
+    """One gradient update of an Atari script, timed outside its training loop -> results/update_cost__*.json."""
+
+    script: str = "dqn_atari.py"  # the Atari script whose update is timed
+    env_id: str = "BreakoutNoFrameskip-v4"  # the game (it sets the number of actions)
+    cuda: bool = False  # time on the GPU
+    capacity: int = 12_000  # replay capacity filled with random frames
+    batch_size: int = 32  # the batch size of each update
+    iters: int = 500  # timed updates
+    train_frequency: int = 4  # env steps per update, for the bound train_frequency / seconds_per_update
+    plain: bool = False  # build networks and optimizer as CleanRL and SB3 do (NCHW weights, for-loop Adam)
+    out: Optional[Path] = None  # the JSON file (default: results/update_cost__{script}[__plain][__cuda].json)
+
+    def measure(self, warmup: int = 20, blocks: int = 5) -> dict[str, Any]:
+        """Seconds per update, from `iters` updates timed in `blocks` equal blocks after `warmup` untimed ones (sps
+        calls it in a fresh process)."""
+        mod = load_script(self.script)
+        defaults = mod.Args()
+        device = torch.device("cuda" if self.cuda and torch.cuda.is_available() else "cpu")
+        torch.manual_seed(defaults.seed)
+        torch.backends.cudnn.deterministic = defaults.torch_deterministic  # as the script sets it
+        game, sticky = mod.atari_game(self.env_id)
+        probe = mod.make_env(game, 1, sticky, 108_000, train=True)
+        n_actions = int(probe.single_action_space.n)
+        probe.close()
+        rb_kwargs = {}
+        if hasattr(defaults, "prioritized_replay_alpha"):  # the PER buffer's priority exponent and floor
+            rb_kwargs = {"alpha": defaults.prioritized_replay_alpha, "eps": defaults.prioritized_replay_eps}
+        rb = mod.ReplayBuffer(self.capacity, 1, device, device, **rb_kwargs)  # 1 env; storage on the learner's device
+        fill_random(rb, rb.per_env, 1, n_actions)
+        update = make_update(mod, rb, n_actions, self.batch_size, device, self.plain)
+        block_seconds = timed_blocks(update, device, warmup, self.iters, blocks)
+        return {"script": self.script, "plain": self.plain, "device": str(device),
+                "torch_threads": torch.get_num_threads(), "n_actions": n_actions, "capacity": self.capacity,
+                "batch_size": self.batch_size, "warmup": warmup, "iters": max(1, self.iters // blocks) * blocks,
+                "seconds_per_update": float(np.mean(block_seconds)), "block_min_s": min(block_seconds),
+                "block_max_s": max(block_seconds)}
+
+    def run(self) -> None:
+        if self.script not in ATARI_SCRIPTS:
+            raise SystemExit(f"--script must be one of {ATARI_SCRIPTS}")
+        r = self.measure()
+        row = [r["script"], "plain (CleanRL/SB3 style)" if self.plain else "as the script", r["device"],
+               r["torch_threads"], 1e3 * r["seconds_per_update"], 1e3 * r["block_min_s"], 1e3 * r["block_max_s"],
+               self.train_frequency / r["seconds_per_update"]]
+        print(format_table(["script", "networks + Adam", "device", "threads", "ms/update", "block min ms",
+                            "block max ms", "bound SPS"], [row], digits=2))
+        suffix = ("__plain" if self.plain else "") + ("__cuda" if self.cuda else "")
+        name = f"update_cost__{self.script.removesuffix('.py')}{suffix}"
+        write_json(self.out or RESULTS_DIR / f"{name}.json", {"config": asdict(self), "result": r})
+
+
+@dataclass
+class Sps(AtariBenchConfig):
+    """Training-phase SPS of the scripts in a fixed config, the update-cost bound, CleanRL's SPS -> results/sps.json."""
+
+    scripts: tuple[str, ...] = SCRIPTS  # which scripts to measure
+    cartpole_timesteps: int = 20_000  # env steps of the dqn_cartpole.py run (its other flags stay at their defaults)
+    update_iters: int = 500  # timed updates of the update-cost harness, per Atari script (0: skip the harness)
+    out: Optional[Path] = None  # the JSON file (default: {out-dir}/sps.json)
+
+    def measure_atari(self, script: str, tag: str) -> dict[str, Any]:
+        """One training run in the fixed config, then the update cost of the same script in a fresh process."""
+        run_name = run_name_for(self.env_id, script, self.seed, tag)
+        run = measure_script_sps(script, self.script_flags(run_name), run_name, self.out_dir / "sps")
+        result: dict[str, Any] = dict(run)
+        if self.update_iters > 0:
+            harness = UpdateCost(script, self.env_id, self.cuda, self.capacity(), self.batch_size, self.update_iters)
+            cost = in_fresh_process(harness.measure)
+            bound = self.train_frequency / cost["seconds_per_update"]
+            result["update_cost"] = {**cost, "bound_sps": bound, "sps_over_bound": run["training"]["sps"] / bound}
+        result["sps_over_cleanrl"] = run["training"]["sps"] / REFERENCES["cleanrl_atari_sps"].value
+        return result
+
+    def run(self) -> None:
+        if unknown := set(self.scripts) - set(SCRIPTS):
+            raise SystemExit(f"unknown --scripts {sorted(unknown)}; choose from {SCRIPTS}")
+        require_cuda(self.cuda)
+        tag = timestamp_tag("sps")
+        atari = [self.measure_atari(s, tag) for s in ATARI_SCRIPTS if s in self.scripts]
+        cartpole = None
+        if CARTPOLE_SCRIPT in self.scripts:
+            run_name = run_name_for("CartPole-v1", CARTPOLE_SCRIPT, self.seed, tag)
+            flags = ["--seed", str(self.seed), "--run-name", run_name, "--total-timesteps",
+                     str(self.cartpole_timesteps), "--cuda" if self.cuda else "--no-cuda"]
+            cartpole = measure_script_sps(CARTPOLE_SCRIPT, flags, run_name, self.out_dir / "sps")
+        references = ["cleanrl_atari_sps", "sb3_atari_sps", "nature_cnn_update_ms"]
+        if atari:
+            cleanrl, sb3, update = (REFERENCES[k] for k in references)
+            costs = [r.get("update_cost", {}) for r in atari]
+            rows = [[r["script"], self.num_envs, "cuda" if self.cuda else "cpu", r["training"]["sps"],
+                     1e3 * c["seconds_per_update"] if c else None, c.get("bound_sps"), c.get("sps_over_bound"),
+                     cleanrl.value, r["sps_over_cleanrl"]] for r, c in zip(atari, costs)]
+            print(f"\nAtari training-phase SPS ({self.env_id}, batch {self.batch_size}, train every "
+                  f"{self.train_frequency}, {self.total_timesteps:,} steps, learning starts {self.learning_starts:,}):")
+            print(format_table(["script", "envs", "device", "training SPS", "ms/update", "bound SPS", "SPS/bound",
+                                "CleanRL SPS*", "SPS/CleanRL"], rows, digits=2))
+            print(f"* {cleanrl.source}: {cleanrl.note}. The ratio compares across machines unless this ran on that "
+                  f"CPU with 1 env.\nAlso there: {sb3.note}: {sb3.value:g} SPS; {update.note}.")
+        if cartpole:
+            training = cartpole["training"]
+            print(f"\nCartPole-v1, dqn_cartpole.py defaults, {self.cartpole_timesteps:,} steps (its periodic "
+                  "evaluations and checkpoints fall inside the window):")
+            print(format_table(["script", "training SPS", "from step", "to step", "whole run s"],
+                               [[cartpole["script"], training["sps"], int(training["first_step"]),
+                                 int(training["last_step"]), cartpole["wall_s"]]], digits=1))
+        config = {k: v for k, v in asdict(self).items() if k not in ("out", "out_dir")}
+        write_json(self.out or self.out_dir / "sps.json",
+                   {"config": {**config, "buffer_size": self.capacity()}, "atari": atari, "cartpole": cartpole,
+                    "references": references_json(references)})
+
+
+def tensor_bytes(obj: Any, _seen: Optional[set[int]] = None) -> int:
+    """Bytes of all distinct tensors reachable from `obj` through attributes, lists, tuples and dicts (a tensor met
+    twice, or a view of one counted, is counted once per storage)."""
+    seen = set() if _seen is None else _seen
+    key = obj.untyped_storage().data_ptr() if isinstance(obj, torch.Tensor) else id(obj)
+    if key in seen:
+        return 0
+    seen.add(key)
+    if isinstance(obj, torch.Tensor):
+        return obj.untyped_storage().nbytes()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v, seen) for v in obj)
+    if hasattr(obj, "__dict__") and not isinstance(obj, type):
+        return sum(tensor_bytes(v, seen) for v in vars(obj).values())
+    return 0
+
+
+def replay_bytes(script: str, capacity: int, num_envs: int, full_capacity: int) -> dict[str, Any]:
+    """Allocates the script's ReplayBuffer with `capacity` on the CPU and measures it; bytes_needed at full size."""
+    mod = load_script(script)
+    allocated = tensor_bytes(mod.ReplayBuffer(capacity, num_envs, torch.device("cpu"), torch.device("cpu")))
+    needed_full = mod.ReplayBuffer.bytes_needed(full_capacity, num_envs)
+    return {"script": script, "capacity": capacity, "num_envs": num_envs, "allocated_bytes": allocated,
+            "bytes_per_transition": allocated / capacity,
+            "bytes_needed_at_capacity": mod.ReplayBuffer.bytes_needed(capacity, num_envs),
+            "full_capacity": full_capacity, "bytes_needed_full": needed_full,
+            "bytes_per_transition_full": needed_full / full_capacity}
+
+
+@dataclass
+class Memory:
+    """Replay bytes per transition of both Atari scripts' allocated buffers, CleanRL's, SB3's -> results/memory.json."""
+
+    capacity: int = 100_000  # transitions of the buffer really allocated (about 0.7 GB of RAM)
+    num_envs: int = 1  # envs the buffer is split over (its per-env capacity is rounded up)
+    full_capacity: int = 1_000_000  # the capacity bytes_needed() is also evaluated at
+    out: Path = RESULTS_DIR / "memory.json"  # the JSON file
+
+    def run(self) -> None:
+        # each buffer in its own process, so that one freed buffer cannot make the next look cheaper or dearer
+        ours = [in_fresh_process(replay_bytes, s, self.capacity, self.num_envs, self.full_capacity)
+                for s in ATARI_SCRIPTS]
+        rows: list[list[Any]] = [[r["script"], r["bytes_per_transition"] / KB, r["bytes_needed_full"] / 1e9,
+                                  "allocated here"] for r in ours]
+        notes = []
+        for key, name in [("cleanrl_replay_kb", "CleanRL dqn_atari.py"), ("sb3_replay_kb", "SB3 DQN (default)")]:
+            ref = REFERENCES[key]
+            rows.append([name, ref.value, ref.value * KB * self.full_capacity / 1e9, "reference*"])
+            notes.append(f"{name}: {ref.note}")
+        print(f"Replay memory per Atari transition (KB = 1000 bytes; our buffers allocated at {self.capacity:,} "
+              f"transitions, {self.num_envs} env(s); GB at {self.full_capacity:,} from bytes_needed for ours):")
+        print(format_table(["replay", "KB/transition", f"GB at {self.full_capacity:,}", "source"], rows, digits=2))
+        print(f"* {REFERENCES['cleanrl_replay_kb'].source}; " + "; ".join(notes))
+        write_json(self.out, {"config": {k: v for k, v in asdict(self).items() if k != "out"}, "ours": ours,
+                              "references": references_json(["cleanrl_replay_kb", "sb3_replay_kb",
+                                                             "dedup_replay_kb"])})
+
+
+def sb3_env(env_id: str, n_envs: int, seed: int) -> Any:
+    """ale-py's gymnasium env through SB3's own Atari wrappers (make_atari_env: AtariWrapper; VecFrameStack 4)."""
+    import ale_py
+    import gymnasium as gym
+    from stable_baselines3.common.env_util import make_atari_env
+    from stable_baselines3.common.vec_env import VecFrameStack
+    gym.register_envs(ale_py)
+    return VecFrameStack(make_atari_env(env_id, n_envs=n_envs, seed=seed), n_stack=4)
+
+
+def sb3_run(env_id: str, n_envs: int, seed: int, device: str, settings: dict[str, Any], total_timesteps: int,
+            eval_every: int = 0, eval_games: int = 10, eval_epsilon: float = 0.05) -> dict[str, Any]:
+    """One SB3 DQN run (call in a fresh process): (env step, wall time) where our scripts would log losses/td_loss
+    (every 100 updates after learning starts), SPS over them, replay bytes per transition, and every `eval_every` env
+    steps an evaluation of `eval_games` full games (its Monitor's unclipped scores) at epsilon `eval_epsilon`."""
+    import stable_baselines3
+    from stable_baselines3 import DQN
+    from stable_baselines3.common.callbacks import BaseCallback
+    model = DQN("CnnPolicy", sb3_env(env_id, n_envs, seed), device=device, seed=seed, verbose=0, **settings)
+    every = LOG_EVERY * settings["train_freq"] * n_envs // settings["gradient_steps"]  # env steps per 100 updates
+    rng = np.random.default_rng(seed)
+    points: list[tuple[int, float]] = []
+    evals: list[list[float]] = []
+
+    def evaluate(step: int) -> float:
+        env, scores = sb3_env(env_id, 1, seed + 1_000_000 + step), []
+        obs = env.reset()
+        while len(scores) < eval_games:
+            action, _ = model.predict(obs, deterministic=True)
+            if rng.random() < eval_epsilon:
+                action = rng.integers(env.action_space.n, size=1)
+            obs, _, _, infos = env.step(action)
+            if "episode" in infos[0]:  # Monitor sits under AtariWrapper: a full game, unclipped
+                scores.append(infos[0]["episode"]["r"])
+        env.close()
+        return float(np.mean(scores))
+
+    class Callback(BaseCallback):
+        def _on_step(self) -> bool:
+            t = self.num_timesteps
+            if t > settings["learning_starts"] and (t - settings["learning_starts"]) % every == 0:
+                points.append((t, time.time()))
+            if eval_every and t % eval_every == 0:
+                evals.append([t, evaluate(t)])
+                print(f"sb3 {env_id} seed {seed}: step {t:,}, eval {evals[-1][1]:.2f}", flush=True)
+            return True
+
+    start = time.perf_counter()
+    model.learn(total_timesteps=total_timesteps, callback=Callback())
+    wall_s = time.perf_counter() - start
+    rb = model.replay_buffer
+    # SB3 allocates with np.zeros (pages committed on first write); nbytes is the size it will reach when full
+    arrays = {k: v for k, v in vars(rb).items() if isinstance(v, np.ndarray)}
+    total = sum(v.nbytes for v in arrays.values())
+    model.get_env().close()
+    return {"version": stable_baselines3.__version__, "device": str(model.device), "torch_threads":
+            torch.get_num_threads(), "settings": settings, "wall_s": wall_s, "points": points,
+            "training": sps_from_points(points), "evals": evals,
+            "replay": {"capacity": rb.buffer_size, "bytes": total, "bytes_per_transition": total / rb.buffer_size,
+                       "arrays": {k: [list(v.shape), str(v.dtype), v.nbytes] for k, v in arrays.items()}}}
+
+
+@dataclass
+class Sb3Compare(AtariBenchConfig):
+    """SB3's DQN and our Atari script, same config and machine: SPS and replay bytes -> results/sb3_compare.json."""
+
+    script: str = "dqn_atari.py"  # our Atari script to compare
+    out: Optional[Path] = None  # the JSON file (default: {out-dir}/sb3_compare.json)
+
+    def run(self) -> None:
+        if self.script not in ATARI_SCRIPTS:
+            raise SystemExit(f"--script must be one of {ATARI_SCRIPTS}")
+        if self.num_envs != 1:
+            print(f"note: ours runs {self.num_envs} envs, SB3 1: the ratio then compares setups, not implementations")
+        require_cuda(self.cuda)
+        run_name = run_name_for(self.env_id, self.script, self.seed, timestamp_tag("sb3cmp"))
+        ours = measure_script_sps(self.script, self.script_flags(run_name), run_name, self.out_dir / "sb3_compare")
+        print("$ SB3 DQN in a fresh process", flush=True)
+        config = {k: v for k, v in asdict(self).items() if k in AtariBenchConfig.__dataclass_fields__}
+        settings = dict(learning_rate=1e-4, buffer_size=self.capacity(), learning_starts=self.learning_starts,
+                        batch_size=self.batch_size, tau=1.0, gamma=0.99, train_freq=self.train_frequency,
+                        gradient_steps=1, target_update_interval=1_000, exploration_fraction=0.1,
+                        exploration_initial_eps=1.0, exploration_final_eps=0.01,
+                        optimize_memory_usage=False)  # dqn_atari.py's defaults
+        device = "cuda" if self.cuda else "cpu"
+        sb3 = in_fresh_process(sb3_run, self.env_id, 1, self.seed, device, settings, self.total_timesteps)
+        our_memory = in_fresh_process(replay_bytes, self.script, self.capacity(), self.num_envs, 1_000_000)
+        ratio = ours["training"]["sps"] / sb3["training"]["sps"]
+        print(f"\n{self.env_id}, batch {self.batch_size}, train every {self.train_frequency}, "
+              f"{self.total_timesteps:,} steps, learning starts {self.learning_starts:,}, buffer "
+              f"{self.capacity():,}, {device}:")
+        print(format_table(["implementation", "envs", "device", "training SPS", "replay KB/transition"],
+                           [[self.script, self.num_envs, device, ours["training"]["sps"],
+                             our_memory["bytes_per_transition"] / KB],
+                            [f"SB3 {sb3['version']} DQN", 1, sb3["device"], sb3["training"]["sps"],
+                             sb3["replay"]["bytes_per_transition"] / KB]], digits=2))
+        print(f"ours / SB3: {ratio:.2f}x SPS, "
+              f"{sb3['replay']['bytes_per_transition'] / our_memory['bytes_per_transition']:.1f}x less replay memory")
+        write_json(self.out or self.out_dir / "sb3_compare.json",
+                   {"config": {**config, "buffer_size": self.capacity(), "script": self.script},
+                    "ours": {**ours, "replay": our_memory}, "sb3": sb3, "sps_ratio_ours_over_sb3": ratio})
+
+
+@dataclass
+class PerCost:
+    """PER sample + priority update cost at 1M, with the script's SumTree and ReplayBuffer -> results/per_cost*.json."""
+
+    capacity: int = 1_000_000  # transitions (leaves of the sum tree)
+    batch_sizes: tuple[int, ...] = (32, 512)  # batch sizes to time
+    cuda: bool = False  # time on the GPU (refused when there is none)
+    full_buffer: bool = True  # also time a full ReplayBuffer of `capacity` transitions (its RAM or GPU memory)
+    warmup: int = 20  # untimed batches first
+    iters: int = 200  # timed batches
+    out: Optional[Path] = None  # the JSON file (default: results/per_cost.json, or per_cost_cuda.json with --cuda)
+
+    def measure(self, device: torch.device, num_envs: int = 8) -> list[dict[str, Any]]:
+        """The sum tree alone, the full buffer (made full by setting its counters and priorities), and add of one
+        vector step of `num_envs` envs (the scripts' default)."""
+        mod = load_script(PER_SCRIPT)
+        torch.manual_seed(0)
+        rows: list[dict[str, Any]] = []
+
+        def priorities(n: int) -> torch.Tensor:
+            return torch.rand(n, dtype=torch.float64, device=device) + 1e-3
+
+        def time_it(what: str, leaves: int, batch_size: int, step: Callable[[], Any]) -> None:
+            rows.append({"what": what, "capacity": self.capacity, "leaves": leaves, "batch_size": batch_size,
+                         "device": str(device), "seconds": timed_blocks(step, device, self.warmup, self.iters)[0]})
+
+        tree = mod.SumTree(self.capacity, device)
+        tree.set(torch.arange(self.capacity, device=device), priorities(self.capacity))
+        for b in self.batch_sizes:
+            new = priorities(b)
+            time_it("tree", tree.size, b, lambda: tree.set(tree.sample(b), new))
+        del tree
+        if self.full_buffer:
+            rb = mod.ReplayBuffer(self.capacity, num_envs, device, device)
+            rb.pos, rb.count = 0, rb.per_env  # full: every slot old enough to hold its whole stack
+            rb.tree.set(torch.arange(num_envs * rb.per_env, device=device), priorities(num_envs * rb.per_env))
+            oldest = (torch.arange(num_envs, device=device)[:, None] * rb.per_env
+                      + torch.arange(4, device=device)).ravel()
+            rb.tree.set(oldest, torch.zeros(len(oldest), dtype=torch.float64, device=device))  # not sampleable
+            for b in self.batch_sizes:
+                td_errors = torch.randn(b, device=device)
+                time_it("buffer", rb.tree.size, b, lambda: rb.update_priorities(rb.sample(b, 0.4).indices, td_errors))
+            frames = np.zeros((num_envs, 84, 84), dtype=np.uint8)
+            zeros, firsts = np.zeros(num_envs, dtype=np.float32), np.zeros(num_envs, dtype=bool)
+            time_it("add", rb.tree.size, num_envs, lambda: rb.add(frames, zeros, zeros, zeros, firsts))
+        return rows
+
+    def run(self) -> None:
+        require_cuda(self.cuda)
+        device = torch.device("cuda" if self.cuda else "cpu")
+        rows = self.measure(device)
+        print(f"PER cost per batch, {PER_SCRIPT}, capacity {self.capacity:,} ({device}, "
+              f"{torch.get_num_threads()} threads):")
+        print(format_table(["what", "leaves", "batch", "ms per batch (sample + priority update; add: one vector step)"],
+                           [[r["what"], r["leaves"], r["batch_size"], 1e3 * r["seconds"]] for r in rows], digits=3))
+        out = self.out or RESULTS_DIR / ("per_cost_cuda.json" if self.cuda else "per_cost.json")
+        write_json(out, {"config": {"capacity": self.capacity, "batch_sizes": list(self.batch_sizes),
+                                    "warmup": self.warmup, "iters": self.iters}, "rows": rows})
+
+
+def solve_result(seed: int, run_name: str, wall_s: float, summary: dict[str, Any]) -> dict[str, Any]:
+    """One seed's row, from the run's summary.json."""
+    solved = summary.get("goal_reached_step") is not None
+    return {"seed": seed, "run_name": run_name, "solved": solved, "steps": summary.get("goal_reached_step"),
+            "seconds": summary.get("goal_reached_s"), "eval_mean": summary.get("final_eval_return") if solved else None,
+            "process_wall_s": wall_s, "summary": summary}
+
+
+def solve_summary(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """How many solved; the median and range of steps and seconds over the solved seeds."""
+    solved = [r for r in results if r["solved"]]
+    summary: dict[str, Any] = {"seeds": len(results), "solved": len(solved)}
+    for key in ("steps", "seconds"):
+        values = [r[key] for r in solved]
+        for name, f in (("median", statistics.median), ("min", min), ("max", max)):
+            summary[f"{name}_{key}"] = f(values) if values else None
+    return summary
+
+
+@dataclass
+class CartpoleSolve:
+    """dqn_cartpole.py's time to --goal-score per seed (flags after -- go to it) -> results/cartpole_solve.json."""
+
+    seeds: tuple[int, ...] = (1, 2, 3, 4, 5)  # the seeds, run one after another
+    goal_score: float = 475.0  # the evaluation mean that counts as solved (CartPole-v1's reward threshold)
+    cuda: bool = False  # run on the GPU
+    out_dir: Path = RESULTS_DIR  # where the JSON goes, and the runs/ and logs
+    script_flags: tyro.conf.Positional[tuple[str, ...]] = ()  # dqn_cartpole.py's flags, after --
+
+    def run(self) -> None:
+        require_cuda(self.cuda)
+        tag, workdir, results = timestamp_tag("solve"), self.out_dir / "cartpole_solve", []
+        for seed in self.seeds:
+            run_name = run_name_for("CartPole-v1", CARTPOLE_SCRIPT, seed, tag)
+            flags = ["--seed", str(seed), "--run-name", run_name, "--goal-score", str(self.goal_score),
+                     "--cuda" if self.cuda else "--no-cuda", *self.script_flags]
+            wall_s = run_script(CARTPOLE_SCRIPT, flags, workdir, workdir / "logs" / f"{run_name}.log")
+            results.append(solve_result(seed, run_name, wall_s, read_summary(workdir / "runs" / run_name)))
+        summary = solve_summary(results)
+        print(f"\ndqn_cartpole.py to a greedy evaluation mean >= {self.goal_score} (defaults"
+              + (f" plus {' '.join(self.script_flags)}" if self.script_flags else "") + "):")
+        print(format_table(["seed", "solved", "steps", "seconds", "process s", "best eval"],
+                           [[r["seed"], "yes" if r["solved"] else "not solved", r["steps"], r["seconds"],
+                             r["process_wall_s"], r["summary"].get("best_eval_return")] for r in results], digits=1))
+        print(f"solved {summary['solved']}/{summary['seeds']} seeds; median over solved seeds: "
+              f"{fmt(summary['median_steps'], 0)} steps, {fmt(summary['median_seconds'])} s")
+        steps, secs = REFERENCES["cleanrl_cartpole_steps"], REFERENCES["cleanrl_cartpole_seconds"]
+        print(f"reference: CleanRL dqn.py ~{steps.value:,.0f} steps, ~{secs.value:.0f} s ({steps.source}; "
+              f"{steps.note})")
+        write_json(self.out_dir / "cartpole_solve.json",
+                   {"config": {k: v for k, v in asdict(self).items() if k != "out_dir"}, "results": results,
+                    "summary": summary,
+                    "references": references_json(["cleanrl_cartpole_steps", "cleanrl_cartpole_seconds"])})
+
+
+def diagnose(path: Path, batches: int = 200) -> dict:
+    """The importance-sampling weights of `batches` batches the learner would sample at the checkpoint's step, and
+    Adam's sqrt(v_hat) against its eps (eps-dominated elements step by about lr * g / eps, not lr * m / sqrt(v_hat))."""
+    mod = load_script(PER_SCRIPT)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    args = mod.Args(**{k: v for k, v in state["args"].items() if k in mod.Args.__dataclass_fields__})
+    if state["replay_buffer"] is None:
+        raise SystemExit(f"{path} holds no replay buffer: write it with --checkpoint-buffer")
+    rb = mod.ReplayBuffer(args.buffer_size, args.num_envs, torch.device("cpu"), torch.device("cpu"),
+                          args.prioritized_replay_alpha, args.prioritized_replay_eps)
+    rb.load_state_dict(state["replay_buffer"])
+    step = state["global_step"]
+    beta = mod.linear_schedule(args.prioritized_replay_beta0, 1.0, args.total_timesteps, step)
+    torch.manual_seed(0)
+    weights = torch.cat([rb.sample(args.batch_size, beta).weights for _ in range(batches)]).numpy()  # at this step
+    eps = state["optimizer"]["param_groups"][0]["eps"]
+    rms = torch.cat([(s["exp_avg_sq"] / (1 - 0.999 ** float(s["step"]))).sqrt().flatten()  # sqrt(v_hat)
+                     for s in state["optimizer"]["state"].values()]).numpy()
+    return {"checkpoint": str(path), "global_step": step, "beta": beta, "adam_eps": eps,
+            "is_weight": {"mean": float(weights.mean()), "median": float(np.median(weights)),
+                          "min": float(weights.min()), "p_min": float(rb.tree.mins[1])},
+            "adam_sqrt_v_hat": {"median": float(np.median(rms)), "p90": float(np.percentile(rms, 90)),
+                                "p99": float(np.percentile(rms, 99)), "share_below_eps": float((rms < eps).mean()),
+                                "median_step_share": float(np.median(rms / (rms + eps)))}}
+
+
+@dataclass
+class PerDiagnose:
+    """PER importance weights and Adam's eps from checkpoints written with --checkpoint-buffer (issue #13)."""
+
+    checkpoints: tyro.conf.Positional[tuple[Path, ...]]  # checkpoint.pt files
+
+    def run(self) -> None:
+        for path in self.checkpoints:
+            d = diagnose(path)
+            w, a = d["is_weight"], d["adam_sqrt_v_hat"]
+            print(f"{path}: step {d['global_step']:,}, beta {d['beta']:.2f}: IS weight mean {w['mean']:.3f}, median "
+                  f"{w['median']:.3f}, min {w['min']:.4f} (p_min {w['p_min']:.2e}); Adam eps {d['adam_eps']:g}: "
+                  f"sqrt(v_hat) median {a['median']:.2e}, p90 {a['p90']:.2e}, p99 {a['p99']:.2e}, "
+                  f"{100 * a['share_below_eps']:.1f}% of elements below eps, median step share sqrt(v)/(sqrt(v)+eps) "
+                  f"{a['median_step_share']:.3f}")
+
+
+COMMANDS = {"sps": Sps, "update-cost": UpdateCost, "memory": Memory, "sb3-compare": Sb3Compare, "per-cost": PerCost,
+            "cartpole-solve": CartpoleSolve, "per-diagnose": PerDiagnose}
+
+if __name__ == "__main__":
+    tyro.extras.subcommand_cli_from_dict(COMMANDS).run()

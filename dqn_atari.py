@@ -432,6 +432,7 @@ class RunState:
         self.n_actions, self.device = n_actions, device
         self.global_step, self.n_updates, self.n_target_syncs = 0, 0, 0
         self.best_eval, self.last_eval = -float("inf"), None
+        self.eval_due = False  # an evaluation is owed at global_step (set after the step; a signal may cut it short)
         self.held_out: Optional[Batch] = None  # DeepMind's held-out transitions, drawn when learning starts
         self.learning_from = 0  # no update before this step (a resumed run with an empty buffer refills it first)
 
@@ -443,6 +444,7 @@ class RunState:
 
     def state_dict(self) -> dict:
         return {**self.learner_state(), "best_eval": self.best_eval, "last_eval": self.last_eval,
+                "eval_due": self.eval_due,
                 "held_out": [t.cpu() for t in self.held_out] if self.held_out is not None else None,
                 "numpy_rng": self.rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None}
@@ -454,6 +456,7 @@ class RunState:
         self.global_step, self.n_updates = state["global_step"], state["n_updates"]
         self.n_target_syncs, self.best_eval, self.last_eval = state["n_target_syncs"], state["best_eval"], state.get(
             "last_eval")  # absent from checkpoints written before summary.json existed
+        self.eval_due = state.get("eval_due", False)  # absent from checkpoints written before it existed
         if state["held_out"] is not None:
             self.held_out = Batch(*(t.to(self.device) for t in state["held_out"]))
         self.rng.bit_generator.state = state["numpy_rng"]
@@ -494,7 +497,19 @@ def main(args: Args) -> None:
         # each env's stream starts with the first frame of its game: a slot that is not a transition
         rb.add(obs[:, -1], *np.zeros((3, args.num_envs)), firsts=np.ones(args.num_envs, dtype=bool))
         last_finite = copy.deepcopy(run.learner_state())  # the last learner state whose losses were all finite
-        while run.global_step < args.total_timesteps and not stop:
+        while not stop:
+            if run.eval_due:  # the step that passed a multiple of eval_frequency, the last one, or an owed evaluation
+                started = time.time()
+                returns, _ = evaluate(run.q_network, game, sticky, args.max_episode_frames, args.eval_episodes,
+                                      args.eval_epsilon, args.seed + 1_000_000 + run.global_step, device,
+                                      files.eval_video(run.global_step), stop=lambda: bool(stop))
+                if stop:  # a signal cut the evaluation short: it stays due, and a resumed run does it first
+                    break
+                held_out = (held_out_stats(run.q_network, run.target_network, run.held_out, args.gamma)
+                            if run.held_out is not None else None)
+                log.evaluation(returns, held_out, time.time() - started)
+            if run.global_step >= args.total_timesteps:
+                break
             # ALGO LOGIC: epsilon-greedy action (Mnih et al. 2015, Alg. 1)
             epsilon = linear_schedule(args.start_e, args.end_e, int(args.exploration_fraction * args.total_timesteps),
                                       run.global_step)
@@ -538,17 +553,8 @@ def main(args: Args) -> None:
             rb.add(next_obs[:, -1], actions, rewards, terminations, firsts=~is_transition)
             obs = next_obs
 
-            if (passed_multiple(args.eval_frequency, run.global_step, args.num_envs)
-                    or run.global_step >= args.total_timesteps):
-                started = time.time()
-                returns, _ = evaluate(run.q_network, game, sticky, args.max_episode_frames, args.eval_episodes,
-                                      args.eval_epsilon, args.seed + 1_000_000 + run.global_step, device,
-                                      files.eval_video(run.global_step), stop=lambda: bool(stop))
-                if stop:  # a signal cut the evaluation short: stop without logging it
-                    break
-                held_out = (held_out_stats(run.q_network, run.target_network, run.held_out, args.gamma)
-                            if run.held_out is not None else None)
-                log.evaluation(returns, held_out, time.time() - started)
+            run.eval_due = (passed_multiple(args.eval_frequency, run.global_step, args.num_envs)
+                            or run.global_step >= args.total_timesteps)  # evaluated at the top of the loop
             if passed_multiple(args.checkpoint_frequency, run.global_step, args.num_envs):
                 save_checkpoint(files.checkpoint, files.checkpoint_state(run, rb))
             log.progress(epsilon)
@@ -744,6 +750,8 @@ def load_weights(module: nn.Module, state_dict: dict, path: str) -> None:
 
 def write_video(path: str, frames: list[np.ndarray], fps: int = 15) -> None:
     """MP4 through OpenCV (no moviepy); frames are RGB uint8 (H, W, 3). 15 fps = real time at frameskip 4."""
+    if not frames:  # a signal stopped the evaluation before its first frame
+        return
     height, width = frames[0].shape[:2]
     writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
     for frame in frames:
@@ -817,7 +825,7 @@ class Log:
             self.writer.add_scalar("eval/avg_max_q", held_out[0], step)
             self.writer.add_scalar("eval/td_error", held_out[1], step)
         print(("\n" if self.is_tty else "") + f"step {step}: eval return {returns.mean():.2f} +- {returns.std():.2f}")
-        self.run.last_eval = float(returns.mean())
+        self.run.last_eval, self.run.eval_due = float(returns.mean()), False
         if returns.mean() > self.run.best_eval:
             self.run.best_eval = float(returns.mean())
             self.files.save_model("best_model.pt", self.run)
@@ -831,14 +839,15 @@ class Log:
               f"ETA {(self.args.total_timesteps - run.global_step) / max(sps, 1e-9) / 60:.1f} min | "
               f"return(10) {recent} | eps {epsilon:.3f}   ", end="", file=sys.stderr, flush=True)
 
-    def summary(self, stop_reason: str) -> None:
-        """runs/{run_name}/summary.json: what a program needs from a run, without parsing printed lines."""
+    def summary(self, stop_reason: str, training_s: float) -> None:
+        """runs/{run_name}/summary.json: what a program needs from a run, without parsing printed lines. training_s:
+        this process's seconds in the training loop, evaluations left out (and the final checkpoint after it)."""
         run, wall_s = self.run, time.time() - self.start_time
         steps = run.global_step - self.start_step
         summary = {"run_name": self.files.run_name, "script": os.path.basename(__file__), "env_id": self.args.env_id,
                    "stop_reason": stop_reason, "env_steps": run.global_step, "gradient_updates": run.n_updates,
                    "target_syncs": run.n_target_syncs, "env_steps_this_process": steps, "wall_s": wall_s,
-                   "training_sps": steps / max(wall_s - self.eval_seconds, 1e-9),
+                   "training_sps": steps / max(training_s, 1e-9),
                    "best_eval_return": run.best_eval if run.best_eval > -float("inf") else None,
                    "final_eval_return": run.last_eval, "checkpoint": self.files.checkpoint,
                    "resumed_from": self.args.resume, "args": asdict(self.args)}
@@ -850,6 +859,7 @@ class Log:
     def finish(self, rb: ReplayBuffer, signum: Optional[int]) -> None:
         """The end of a run, completed or stopped by a signal: checkpoint, CleanRL's model file, summary."""
         run, files = self.run, self.files
+        training_s = time.time() - self.start_time - self.eval_seconds
         if self.is_tty:
             print(file=sys.stderr)
         save_checkpoint(files.checkpoint, files.checkpoint_state(run, rb))
@@ -858,7 +868,7 @@ class Log:
             save_checkpoint(model_path, run.q_network.state_dict())
             print(f"model saved to {model_path}")
         self.writer.close()
-        self.summary("completed" if signum is None else f"signal {signal.Signals(signum).name}")
+        self.summary("completed" if signum is None else f"signal {signal.Signals(signum).name}", training_s)
         print(f"finished {files.run_name}: {run.global_step} steps, {run.n_updates} gradient updates, "
               f"{run.n_target_syncs} target syncs in {time.time() - self.start_time:.1f}s; best eval return "
               f"{run.best_eval:.2f}")
@@ -873,7 +883,7 @@ def stop_non_finite(run: RunState, rb: ReplayBuffer, log: Log, last_finite: dict
     checkpoint = log.files.checkpoint
     save_checkpoint(checkpoint, {**log.files.checkpoint_state(run, rb), **last_finite})
     log.writer.close()
-    log.summary(f"non-finite loss at step {log.bad_step}")
+    log.summary(f"non-finite loss at step {log.bad_step}", time.time() - log.start_time - log.eval_seconds)
     print(f"error: non-finite TD loss or Q-values at env step {log.bad_step}; the last good state (step "
           f"{last_finite['global_step']}) is saved in {checkpoint}; lower --learning-rate or check the rewards",
           file=sys.stderr)

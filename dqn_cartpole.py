@@ -297,6 +297,7 @@ class RunState:
         self.n_actions, self.device = n_actions, device
         self.global_step, self.n_updates, self.n_target_syncs = 0, 0, 0
         self.best_eval, self.last_eval = -float("inf"), None
+        self.eval_due = False  # an evaluation is owed at global_step (set after the step; a signal may cut it short)
 
     def learner_state(self) -> dict:
         """The learner alone: what a non-finite loss rolls back to."""
@@ -306,6 +307,7 @@ class RunState:
 
     def state_dict(self) -> dict:
         return {**self.learner_state(), "best_eval": self.best_eval, "last_eval": self.last_eval,
+                "eval_due": self.eval_due,
                 "numpy_rng": self.rng.bit_generator.state, "torch_rng": torch.get_rng_state()}
 
     def load_state_dict(self, state: dict, path: str) -> None:
@@ -315,6 +317,7 @@ class RunState:
         self.global_step, self.n_updates = state["global_step"], state["n_updates"]
         self.n_target_syncs, self.best_eval, self.last_eval = state["n_target_syncs"], state["best_eval"], state.get(
             "last_eval")  # absent from checkpoints written before summary.json existed
+        self.eval_due = state.get("eval_due", False)  # absent from checkpoints written before it existed
         self.rng.bit_generator.state = state["numpy_rng"]
         torch.set_rng_state(state["torch_rng"])
 
@@ -345,7 +348,20 @@ def main(args: Args) -> None:
         obs, _ = envs.reset(seed=args.seed + run.global_step)
         autoreset = np.zeros(args.num_envs, dtype=bool)  # True where the next step is NEXT_STEP's reset step
         last_finite = copy.deepcopy(run.learner_state())  # the last learner state whose losses were all finite
-        while run.global_step < args.total_timesteps and not stop:
+        while not stop:
+            if run.eval_due:  # the step that passed a multiple of eval_frequency, the last one, or an owed evaluation
+                started = time.time()
+                returns = evaluate(run.q_network, args.env_id, args.eval_episodes, args.eval_epsilon,
+                                   args.seed + 1_000_000 + run.global_step, device,
+                                   files.eval_video(run.global_step), stop=lambda: bool(stop))
+                if stop:  # a signal cut the evaluation short: it stays due, and a resumed run does it first
+                    break
+                log.evaluation(returns, time.time() - started)
+                if args.goal_score is not None and returns.mean() >= args.goal_score:
+                    log.goal_reached(returns.mean())
+                    break
+            if run.global_step >= args.total_timesteps:
+                break
             # ALGO LOGIC: epsilon-greedy action (Mnih et al. 2015, Alg. 1)
             epsilon = linear_schedule(args.start_e, args.end_e, int(args.exploration_fraction * args.total_timesteps),
                                       run.global_step)
@@ -385,18 +401,8 @@ def main(args: Args) -> None:
                     update_target(run.target_network, run.q_network, args.tau)
                     run.n_target_syncs += 1
 
-            if (passed_multiple(args.eval_frequency, run.global_step, args.num_envs)
-                    or run.global_step >= args.total_timesteps):
-                started = time.time()
-                returns = evaluate(run.q_network, args.env_id, args.eval_episodes, args.eval_epsilon,
-                                   args.seed + 1_000_000 + run.global_step, device,
-                                   files.eval_video(run.global_step), stop=lambda: bool(stop))
-                if stop:  # a signal cut the evaluation short: stop without logging it
-                    break
-                log.evaluation(returns, time.time() - started)
-                if args.goal_score is not None and returns.mean() >= args.goal_score:
-                    log.goal_reached(returns.mean())
-                    break
+            run.eval_due = (passed_multiple(args.eval_frequency, run.global_step, args.num_envs)
+                            or run.global_step >= args.total_timesteps)  # evaluated at the top of the loop
             if passed_multiple(args.checkpoint_frequency, run.global_step, args.num_envs):
                 save_checkpoint(files.checkpoint, files.checkpoint_state(run, rb))
             log.progress(epsilon)
@@ -570,6 +576,8 @@ def headless_video() -> None:
 
 def write_video(path: str, frames: list[np.ndarray], fps: int = 30) -> None:
     """MP4 through OpenCV (no moviepy); frames are RGB uint8 (H, W, 3)."""
+    if not frames:  # a signal stopped the evaluation before its first frame
+        return
     height, width = frames[0].shape[:2]
     writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
     for frame in frames:
@@ -641,7 +649,7 @@ class Log:
         self.eval_seconds += seconds
         self.writer.add_scalar("eval/episodic_return", returns.mean(), step)
         print(("\n" if self.is_tty else "") + f"step {step}: eval return {returns.mean():.2f} +- {returns.std():.2f}")
-        self.run.last_eval = float(returns.mean())
+        self.run.last_eval, self.run.eval_due = float(returns.mean()), False
         if returns.mean() > self.run.best_eval:
             self.run.best_eval = float(returns.mean())
             self.files.save_model("best_model.pt", self.run)
@@ -660,14 +668,15 @@ class Log:
               f"ETA {(self.args.total_timesteps - run.global_step) / max(sps, 1e-9) / 60:.1f} min | "
               f"return(10) {recent} | eps {epsilon:.3f}   ", end="", file=sys.stderr, flush=True)
 
-    def summary(self, stop_reason: str) -> None:
-        """runs/{run_name}/summary.json: what a program needs from a run, without parsing printed lines."""
+    def summary(self, stop_reason: str, training_s: float) -> None:
+        """runs/{run_name}/summary.json: what a program needs from a run, without parsing printed lines. training_s:
+        this process's seconds in the training loop, evaluations left out (and the final checkpoint after it)."""
         run, wall_s = self.run, time.time() - self.start_time
         steps = run.global_step - self.start_step
         summary = {"run_name": self.files.run_name, "script": os.path.basename(__file__), "env_id": self.args.env_id,
                    "stop_reason": stop_reason, "env_steps": run.global_step, "gradient_updates": run.n_updates,
                    "target_syncs": run.n_target_syncs, "env_steps_this_process": steps, "wall_s": wall_s,
-                   "training_sps": steps / max(wall_s - self.eval_seconds, 1e-9),
+                   "training_sps": steps / max(training_s, 1e-9),
                    "best_eval_return": run.best_eval if run.best_eval > -float("inf") else None,
                    "final_eval_return": run.last_eval, "checkpoint": self.files.checkpoint,
                    "resumed_from": self.args.resume, "args": asdict(self.args),
@@ -683,6 +692,7 @@ class Log:
         """The end of a run (completed, goal reached, or stopped by a signal): checkpoint, CleanRL's model file,
         summary."""
         run, files = self.run, self.files
+        training_s = time.time() - self.start_time - self.eval_seconds
         if self.is_tty:
             print(file=sys.stderr)
         save_checkpoint(files.checkpoint, files.checkpoint_state(run, rb))
@@ -692,9 +702,9 @@ class Log:
             print(f"model saved to {model_path}")
         self.writer.close()
         if signum is not None:
-            self.summary(f"signal {signal.Signals(signum).name}")
+            self.summary(f"signal {signal.Signals(signum).name}", training_s)
         else:
-            self.summary("completed" if self.goal_reached_step is None else "goal reached")
+            self.summary("completed" if self.goal_reached_step is None else "goal reached", training_s)
         print(f"finished {files.run_name}: {run.global_step} steps, {run.n_updates} gradient updates, "
               f"{run.n_target_syncs} target syncs in {time.time() - self.start_time:.1f}s; best eval return "
               f"{run.best_eval:.2f}")
@@ -709,7 +719,7 @@ def stop_non_finite(run: RunState, rb: ReplayBuffer, log: Log, last_finite: dict
     checkpoint = log.files.checkpoint
     save_checkpoint(checkpoint, {**log.files.checkpoint_state(run, rb), **last_finite})
     log.writer.close()
-    log.summary(f"non-finite loss at step {log.bad_step}")
+    log.summary(f"non-finite loss at step {log.bad_step}", time.time() - log.start_time - log.eval_seconds)
     print(f"error: non-finite TD loss or Q-values at env step {log.bad_step}; the last good state (step "
           f"{last_finite['global_step']}) is saved in {checkpoint}; lower --learning-rate or check the rewards",
           file=sys.stderr)

@@ -135,6 +135,7 @@ class UpdateCost:
                 "block_max_s": max(block_seconds)}
 
     def run(self) -> None:
+        require_cuda(self.cuda)
         if self.script not in ATARI_SCRIPTS:
             raise SystemExit(f"--script must be one of {ATARI_SCRIPTS}")
         r = self.measure()

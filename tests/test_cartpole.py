@@ -255,3 +255,9 @@ def test_track_with_wandb_offline(tmp_path):
                         "--run-name", "tracked", "--eval-episodes", 1, cwd=tmp_path, env={"WANDB_MODE": "offline"})
     assert result.returncode == 0, result.stderr
     assert list((tmp_path / "runs/tracked/wandb").glob("offline-run-*"))
+
+
+def test_write_video_of_no_frames_writes_nothing(tmp_path):
+    """A signal can stop an evaluation before its first frame: no video, and no crash on the way to the checkpoint."""
+    dqn.write_video(str(tmp_path / "v.mp4"), [])
+    assert not (tmp_path / "v.mp4").exists()

@@ -378,3 +378,23 @@ def test_resume_restores_the_weights(script, tmp_path):
     for key in ["model", "target_model"]:
         assert all(torch.equal(saved[key][k], reloaded[key][k]) for k in saved[key])
     assert reloaded["n_updates"] == saved["n_updates"] and reloaded["global_step"] == 600
+
+
+@pytest.mark.parametrize("script", ["dqn_cartpole", "dqn_atari"])
+def test_an_evaluation_cut_short_by_a_signal_is_done_first_on_resume(script, tmp_path):
+    """A signal during the final evaluation leaves the checkpoint at the last step with the evaluation still owed: the
+    resumed run must evaluate there (not finish 'completed' without a final score). Simulated on a finished run's
+    checkpoint, as a cut evaluation leaves it: eval_due set, no evaluation recorded."""
+    finished = run_script(script, *FAST[script], "--total-timesteps", 400, "--run-name", "e", cwd=tmp_path)
+    assert finished.returncode == 0, finished.stderr
+    path = tmp_path / "runs/e/checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    assert state["global_step"] == 400 and not state["eval_due"]
+    dqn = load_script(script)
+    dqn.save_checkpoint(str(path), {**state, "eval_due": True, "last_eval": None, "best_eval": -float("inf")})
+    resumed = run_script(script, *FAST[script], "--total-timesteps", 400, "--resume", path, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    summary = read_summary(tmp_path / "runs/e")
+    assert summary["stop_reason"] == "completed" and summary["final_eval_return"] is not None
+    assert [step for step, _ in read_scalars(tmp_path / "runs/e", "eval/episodic_return")] == [400]
+    assert not torch.load(path, weights_only=True)["eval_due"]

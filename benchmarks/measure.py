@@ -78,16 +78,19 @@ def fill_random(rb: Any, slots: int, num_envs: int, n_actions: int, seed: int = 
 
 def make_update(mod: ModuleType, rb: Any, n_actions: int, batch_size: int, device: torch.device,
                 plain: bool = False) -> Callable[[], Any]:
-    """One update of the script (sample a batch, its own train_step) on networks and optimizer built as its main()
-    builds them (channels-last conv weights, fused Adam; keep in step with it), or with plain=True as CleanRL and SB3
-    do (NCHW weights, for-loop Adam): the same math, for a same-machine comparison of the update alone."""
+    """One update of the script (sample a batch, its own train_step) on the networks and optimizer of its own RunState
+    (channels-last conv weights, fused Adam), or with plain=True built as CleanRL and SB3 build them (NCHW weights,
+    for-loop Adam): the same math, for a same-machine comparison of the update alone."""
     args = mod.Args()
-    memory_format = torch.channels_last if args.channels_last and not plain else torch.preserve_format
-    q_network = mod.QNetwork(n_actions).to(device, memory_format=memory_format)
-    target_network = mod.QNetwork(n_actions).to(device, memory_format=memory_format)
-    target_network.load_state_dict(q_network.state_dict())
-    adam_kwargs = {"eps": args.adam_eps} if hasattr(args, "adam_eps") else {}
-    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, fused=not plain, **adam_kwargs)
+    if plain:
+        q_network = mod.QNetwork(n_actions).to(device)
+        target_network = mod.QNetwork(n_actions).to(device)
+        target_network.load_state_dict(q_network.state_dict())
+        adam_kwargs = {"eps": args.adam_eps} if hasattr(args, "adam_eps") else {}
+        optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, fused=False, **adam_kwargs)
+    else:
+        run = mod.RunState(args, n_actions, device)
+        q_network, target_network, optimizer = run.q_network, run.target_network, run.optimizer
     if hasattr(rb, "update_priorities"):  # dqn_atari_dueling_per.py: PER sampling and priority updates
         return lambda: mod.train_step(q_network, target_network, optimizer, rb,
                                       rb.sample(batch_size, args.prioritized_replay_beta0), args.gamma,

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import ROOT, finished_counts, load_script, read_scalars, read_tags, run_script
+from helpers import ROOT, finished_counts, load_script, read_scalars, read_summary, read_tags, run_script
 
 dqn = load_script("dqn_cartpole")
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -261,3 +261,15 @@ def test_write_video_of_no_frames_writes_nothing(tmp_path):
     """A signal can stop an evaluation before its first frame: no video, and no crash on the way to the checkpoint."""
     dqn.write_video(str(tmp_path / "v.mp4"), [])
     assert not (tmp_path / "v.mp4").exists()
+
+
+def test_goal_score_stops_the_run_and_summary_json_says_where(tmp_path):
+    """--goal-score: the run stops at the first evaluation that reaches it, and summary.json (which
+    `benchmarks.measure cartpole-solve` reads) names the reason, the step and the time."""
+    result = run_script("dqn_cartpole", "--learning-starts", 100, "--eval-frequency", 500, "--eval-episodes", 2,
+                        "--total-timesteps", 5000, "--goal-score", 1, "--run-name", "goal", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = read_summary(tmp_path / "runs/goal")
+    assert summary["stop_reason"] == "goal reached" and summary["goal_score"] == 1
+    assert summary["goal_reached_step"] == summary["env_steps"] == 500 and summary["goal_reached_s"] > 0
+    assert summary["final_eval_return"] >= 1

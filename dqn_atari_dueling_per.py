@@ -940,7 +940,7 @@ class Log:
               f"ETA {(self.args.total_timesteps - run.global_step) / max(sps, 1e-9) / 60:.1f} min | "
               f"return(10) {recent} | eps {epsilon:.3f}   ", end="", file=sys.stderr, flush=True)
 
-    def summary(self, stop_reason: str, training_s: float) -> None:
+    def summary(self, stop_reason: str, training_s: float, checkpoint_step: Optional[int] = None) -> None:
         """runs/{run_name}/summary.json: what a program needs from a run, without parsing printed lines. training_s:
         this process's seconds in the training loop, evaluations left out (and the final checkpoint after it)."""
         run, wall_s = self.run, time.time() - self.start_time
@@ -951,6 +951,7 @@ class Log:
                    "training_sps": steps / max(training_s, 1e-9),
                    "best_eval_return": run.best_eval if run.best_eval > -float("inf") else None,
                    "final_eval_return": run.last_eval, "checkpoint": self.files.checkpoint,
+                   "checkpoint_step": run.global_step if checkpoint_step is None else checkpoint_step,
                    "resumed_from": self.args.resume, "args": asdict(self.args)}
         path = os.path.join(self.files.run_dir, "summary.json")
         with open(f"{path}.tmp{os.getpid()}", "w") as f:
@@ -984,7 +985,8 @@ def stop_non_finite(run: RunState, rb: ReplayBuffer, log: Log, last_finite: dict
     checkpoint = log.files.checkpoint
     save_checkpoint(checkpoint, {**log.files.checkpoint_state(run, rb), **last_finite})
     log.writer.close()
-    log.summary(f"non-finite loss at step {log.bad_step}", time.time() - log.start_time - log.eval_seconds)
+    log.summary(f"non-finite loss at step {log.bad_step}", time.time() - log.start_time - log.eval_seconds,
+                checkpoint_step=last_finite["global_step"])  # the checkpoint holds the last finite state
     print(f"error: non-finite TD loss or Q-values at env step {log.bad_step}; the last good state (step "
           f"{last_finite['global_step']}) is saved in {checkpoint}; lower --learning-rate or check the rewards",
           file=sys.stderr)

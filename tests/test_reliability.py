@@ -320,7 +320,9 @@ def test_non_finite_loss_stops_with_the_step_and_a_last_good_checkpoint(script, 
     assert state["global_step"] < bad_step and f"(step {state['global_step']}) is saved in" in err
     assert all(torch.isfinite(t).all() for t in state["model"].values())
     assert all(torch.isfinite(t).all() for t in state["target_model"].values())
-    assert read_summary(tmp_path / "runs/nan")["stop_reason"] == f"non-finite loss at step {bad_step}"
+    summary = read_summary(tmp_path / "runs/nan")
+    assert summary["stop_reason"] == f"non-finite loss at step {bad_step}"
+    assert summary["checkpoint_step"] == state["global_step"] < summary["env_steps"]
 
 
 # ---------------------------------------------------------------- determinism and resume

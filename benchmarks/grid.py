@@ -26,6 +26,7 @@ RESERVED_FLAGS = ("--env-id", "--seed", "--run-name", "--resume", "--play", "--t
 SIGNAL_EXITS = (130, 143)  # the scripts' exit codes after SIGINT / SIGTERM: checkpointed, resumable
 DONE_REASONS = ("completed", "goal reached")  # summary.json stop reasons of a finished run
 SKIP_DONE, SKIP_FAILED, RESUME, START = "skip: done", "skip: failed too often", "resume", "start"
+SKIP_DIVERGED = "skip: non-finite loss"  # its resume would replay the same updates into the same NaN
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,9 @@ class GridPaths:
     def state(self, cell: Cell) -> Path:  # attempts, failures, wall seconds over attempts, commit, machine
         return self.root / "state" / f"{cell.run_name}.json"
 
+    def diverged(self, cell: Cell) -> bool:
+        return read_summary(self.run_dir(cell)).get("stop_reason", "").startswith("non-finite")
+
     def done(self, cell: Cell) -> bool:
         """Its summary.json says it finished; or the runner of before summary.json left state/{run_name}.done."""
         return (read_summary(self.run_dir(cell)).get("stop_reason") in DONE_REASONS
@@ -110,15 +114,17 @@ def load_or_create_spec(paths: GridPaths, given: Optional[GridSpec]) -> GridSpec
     return given
 
 
-def plan_cell(done: bool, has_checkpoint: bool, failures: int, max_attempts: int) -> str:
+def plan_cell(done: bool, has_checkpoint: bool, failures: int, max_attempts: int, diverged: bool = False) -> str:
     if done:
         return SKIP_DONE
+    if diverged:
+        return SKIP_DIVERGED
     return SKIP_FAILED if failures >= max_attempts else RESUME if has_checkpoint else START
 
 
 def plan(paths: GridPaths, cell: Cell, max_attempts: int) -> str:
     return plan_cell(paths.done(cell), paths.checkpoint(cell).exists(),
-                     read_json(paths.state(cell)).get("failures", 0), max_attempts)
+                     read_json(paths.state(cell)).get("failures", 0), max_attempts, paths.diverged(cell))
 
 
 def classify_exit(returncode: int) -> str:
@@ -168,7 +174,7 @@ class Runner:
     def run_cell(self, cell: Cell, total: int) -> str:
         """Runs one cell if it needs running; returns its outcome."""
         tag, action = f"[{cell.index + 1}/{total}] {cell.run_name}", plan(self.paths, cell, self.max_attempts)
-        if self.stop.is_set() or action in (SKIP_DONE, SKIP_FAILED):
+        if self.stop.is_set() or action in (SKIP_DONE, SKIP_FAILED, SKIP_DIVERGED):
             print(f"{tag}: {'not started' if self.stop.is_set() else action}", flush=True)
             return "not started" if self.stop.is_set() else action
         if action == START and self.paths.run_dir(cell).exists():  # died before its first checkpoint: set aside

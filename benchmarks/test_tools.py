@@ -165,6 +165,9 @@ def test_spec_json_roundtrip_and_mismatch(tmp_path):
     (False, False, 0, grid.START), (False, True, 3, grid.SKIP_FAILED), (False, False, 2, grid.START)])
 def test_plan_cell(done, checkpoint, failures, expected):
     assert grid.plan_cell(done, checkpoint, failures, max_attempts=3) == expected
+    # a run stopped by a non-finite loss is not retried: its resume would replay the same updates into the same NaN
+    assert grid.plan_cell(done, checkpoint, failures, max_attempts=3, diverged=True) == (
+        grid.SKIP_DONE if done else grid.SKIP_DIVERGED)
 
 
 @pytest.mark.parametrize("code, outcome", [(0, "done"), (130, "interrupted"), (143, "interrupted"),
@@ -196,6 +199,7 @@ def test_a_cell_is_done_when_its_summary_says_so(tmp_path, reason, done):
     paths.run_dir(cell).mkdir(parents=True)
     (paths.run_dir(cell) / "summary.json").write_text(json.dumps({"stop_reason": reason}))
     assert paths.done(cell) is done
+    assert (grid.plan(paths, cell, max_attempts=3) == grid.SKIP_DIVERGED) is reason.startswith("non-finite")
 
 
 FAKE_SCRIPT = textwrap.dedent("""

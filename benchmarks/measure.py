@@ -533,8 +533,68 @@ class PerDiagnose:
                   f"{a['median_step_share']:.3f}")
 
 
+def policy_stats(script: str, path: Path, env_id: str, episodes: int, epsilon: float, seed: int) -> dict[str, Any]:
+    """A saved model's evaluation as the script runs it (full games, no-op starts, the serve), plus how often its
+    greedy choice is each action and, in Seaquest, the share of steps with the player's yellow sub at the surface
+    (read from a colour env replaying the same games): a hovering policy scores little in long games."""
+    mod = load_script(script)
+    game, sticky = mod.atari_game(env_id)
+    n_actions = mod.count_actions(game, sticky, mod.Args.max_episode_frames)
+    q_network = mod.QNetwork(n_actions)
+    mod.load_weights(q_network, mod.load_checkpoint(str(path), env_id, n_actions, play=True)["model"], str(path))
+    envs = mod.make_env(game, episodes, sticky, mod.Args.max_episode_frames, train=False)
+    colour = mod.make_env(game, episodes, sticky, mod.Args.max_episode_frames, train=False, rgb=True)
+    rng, (obs, infos) = np.random.default_rng(seed), envs.reset(seed=seed)
+    colour.reset(seed=seed)
+    games = mod.Games(envs, infos, mod.Args.max_episode_frames)
+    returns, lengths, finished = np.zeros(episodes), np.zeros(episodes), np.zeros(episodes, dtype=bool)
+    greedy, steps, surface = np.zeros(n_actions), 0, 0
+    while not finished.all():
+        with torch.inference_mode():
+            actions = q_network(torch.from_numpy(obs)).argmax(dim=1).numpy()
+        greedy += np.bincount(actions[~finished], minlength=n_actions)
+        actions = games.act(np.where(rng.random(episodes) < epsilon, rng.integers(n_actions, size=episodes), actions))
+        obs, rewards, terminations, truncations, infos = envs.step(actions)
+        band = colour.step(actions)[0][:, 0, 44:56].astype(int)  # Seaquest: the rows the sub floats in at the surface
+        yellow = ((band[..., 0] > 150) & (band[..., 1] > 150) & (band[..., 2] < 100)).sum(axis=(1, 2)) > 10
+        returns += rewards * ~finished
+        steps, surface = steps + (~finished).sum(), surface + (yellow & ~finished).sum()
+        games.step(terminations, truncations, infos)
+        lengths[games.ended & ~finished] = games.length[games.ended & ~finished]
+        finished |= games.ended
+    names = [a.name for a in envs.ale.get_action_set()]
+    envs.close()
+    colour.close()
+    return {"model": str(path), "return_mean": float(returns.mean()), "return_std": float(returns.std()),
+            "returns": returns.tolist(), "length_mean_frames": float(lengths.mean()),
+            "greedy_share": {names[a]: round(float(g / greedy.sum()), 3) for a, g in enumerate(greedy) if g},
+            "surface_share": float(surface / steps) if game == "seaquest" else None}
+
+
+@dataclass
+class PolicyDiagnose:
+    """What saved Atari models do: score, game length, greedy action shares, Seaquest's time at the surface."""
+
+    models: tyro.conf.Positional[tuple[Path, ...]]  # best_model.pt / checkpoint.pt / a bare state_dict
+    env_id: str = "SeaquestNoFrameskip-v4"
+    script: str = ATARI_SCRIPTS[0]  # the script that trained them (its network)
+    episodes: int = 10
+    epsilon: float = 0.05
+    seed: int = 1_200_007
+
+    def run(self) -> None:
+        for path in self.models:
+            d = policy_stats(self.script, path, self.env_id, self.episodes, self.epsilon, self.seed)
+            top = sorted(d["greedy_share"].items(), key=lambda kv: -kv[1])[:4]
+            surface = "" if d["surface_share"] is None else f", at the surface {100 * d['surface_share']:.0f}% of steps"
+            print(f"{path}: {self.episodes} games at epsilon {self.epsilon}: {d['return_mean']:.1f} +- "
+                  f"{d['return_std']:.1f}, mean length {d['length_mean_frames']:,.0f} frames{surface}; greedy "
+                  f"actions {', '.join(f'{k} {100 * v:.0f}%' for k, v in top)}", flush=True)
+
+
 COMMANDS = {"sps": Sps, "update-cost": UpdateCost, "memory": Memory, "sb3-compare": Sb3Compare, "per-cost": PerCost,
-            "cartpole-solve": CartpoleSolve, "per-diagnose": PerDiagnose}
+            "cartpole-solve": CartpoleSolve, "per-diagnose": PerDiagnose,
+            "policy-diagnose": PolicyDiagnose}
 
 if __name__ == "__main__":
     tyro.extras.subcommand_cli_from_dict(COMMANDS).run()

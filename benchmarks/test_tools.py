@@ -535,3 +535,14 @@ def test_per_diagnose_reads_a_checkpoint(tmp_path):
     assert d["global_step"] == 40 and d["beta"] == 1.0 and d["adam_eps"] == 1e-8  # beta reaches 1 at the end
     assert 0 < d["is_weight"]["min"] <= d["is_weight"]["mean"] <= 1
     assert 0 <= d["adam_sqrt_v_hat"]["share_below_eps"] <= 1 and d["adam_sqrt_v_hat"]["p99"] > 0
+
+
+@pytest.mark.parametrize("script", common.ATARI_SCRIPTS)
+def test_policy_diagnose_plays_a_bare_state_dict(tmp_path, script):
+    mod = common.load_script(script)
+    torch.save(mod.QNetwork(18).state_dict(), tmp_path / "q_network.pth")  # as CleanRL publishes a model
+    d = measure.policy_stats(script, tmp_path / "q_network.pth", "SeaquestNoFrameskip-v4", episodes=1, epsilon=1.0,
+                             seed=3)
+    assert len(d["returns"]) == 1 and d["length_mean_frames"] > 0
+    assert sum(d["greedy_share"].values()) == pytest.approx(1, abs=0.01)
+    assert 0 < d["surface_share"] < 1  # each life starts at the surface; a random policy dives off it

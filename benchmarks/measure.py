@@ -533,16 +533,18 @@ class PerDiagnose:
                   f"{a['median_step_share']:.3f}")
 
 
-def policy_stats(script: str, path: Path, env_id: str, episodes: int, epsilon: float, seed: int) -> dict[str, Any]:
+def policy_stats(script: str, path: Path, env_id: str, episodes: int, epsilon: float, seed: int,
+                 train_env: bool = False, serve: bool = True) -> dict[str, Any]:
     """A saved model's evaluation as the script runs it (full games, no-op starts, the serve), plus how often its
     greedy choice is each action and, in Seaquest, the share of steps with the player's yellow sub at the surface
-    (read from a colour env replaying the same games): a hovering policy scores little in long games."""
+    (read from a colour env replaying the same games): a hovering policy scores little in long games. train_env: the
+    training env (a life loss reported as terminated); serve=False: no FIRE after a lost life."""
     mod = load_script(script)
     game, sticky = mod.atari_game(env_id)
     n_actions = mod.count_actions(game, sticky, mod.Args.max_episode_frames)
     q_network = mod.QNetwork(n_actions)
     mod.load_weights(q_network, mod.load_checkpoint(str(path), env_id, n_actions, play=True)["model"], str(path))
-    envs = mod.make_env(game, episodes, sticky, mod.Args.max_episode_frames, train=False)
+    envs = mod.make_env(game, episodes, sticky, mod.Args.max_episode_frames, train=train_env)
     colour = mod.make_env(game, episodes, sticky, mod.Args.max_episode_frames, train=False, rgb=True)
     rng, (obs, infos) = np.random.default_rng(seed), envs.reset(seed=seed)
     colour.reset(seed=seed)
@@ -553,7 +555,8 @@ def policy_stats(script: str, path: Path, env_id: str, episodes: int, epsilon: f
         with torch.inference_mode():
             actions = q_network(torch.from_numpy(obs)).argmax(dim=1).numpy()
         greedy += np.bincount(actions[~finished], minlength=n_actions)
-        actions = games.act(np.where(rng.random(episodes) < epsilon, rng.integers(n_actions, size=episodes), actions))
+        actions = np.where(rng.random(episodes) < epsilon, rng.integers(n_actions, size=episodes), actions)
+        actions = games.act(actions) if serve else actions
         obs, rewards, terminations, truncations, infos = envs.step(actions)
         band = colour.step(actions)[0][:, 0, 44:56].astype(int)  # Seaquest: the rows the sub floats in at the surface
         yellow = ((band[..., 0] > 150) & (band[..., 1] > 150) & (band[..., 2] < 100)).sum(axis=(1, 2)) > 10
@@ -581,13 +584,17 @@ class PolicyDiagnose:
     episodes: int = 10
     epsilon: float = 0.05
     seed: int = 1_200_007
+    train_env: bool = False  # play in the training env (a life loss is `terminated`) instead of the evaluation's
+    serve: bool = True  # press FIRE on the step after a lost life, as the scripts do
 
     def run(self) -> None:
         for path in self.models:
-            d = policy_stats(self.script, path, self.env_id, self.episodes, self.epsilon, self.seed)
+            d = policy_stats(self.script, path, self.env_id, self.episodes, self.epsilon, self.seed, self.train_env,
+                             self.serve)
             top = sorted(d["greedy_share"].items(), key=lambda kv: -kv[1])[:4]
             surface = "" if d["surface_share"] is None else f", at the surface {100 * d['surface_share']:.0f}% of steps"
-            print(f"{path}: {self.episodes} games at epsilon {self.epsilon}: {d['return_mean']:.1f} +- "
+            how = ", training env" * self.train_env + ", no serve" * (not self.serve)
+            print(f"{path}: {self.episodes} games at epsilon {self.epsilon}{how}: {d['return_mean']:.1f} +- "
                   f"{d['return_std']:.1f}, mean length {d['length_mean_frames']:,.0f} frames{surface}; greedy "
                   f"actions {', '.join(f'{k} {100 * v:.0f}%' for k, v in top)}", flush=True)
 

@@ -546,3 +546,7 @@ def test_policy_diagnose_plays_a_bare_state_dict(tmp_path, script):
     assert len(d["returns"]) == 1 and d["length_mean_frames"] > 0
     assert sum(d["greedy_share"].values()) == pytest.approx(1, abs=0.01)
     assert 0 < d["surface_share"] < 1  # each life starts at the surface; a random policy dives off it
+    if script == common.ATARI_SCRIPTS[0]:  # life_loss_info changes the flags, not the game
+        same = measure.policy_stats(script, tmp_path / "q_network.pth", "SeaquestNoFrameskip-v4", episodes=1,
+                                    epsilon=1.0, seed=3, train_env=True)
+        assert same["returns"] == d["returns"] and same["length_mean_frames"] == d["length_mean_frames"]

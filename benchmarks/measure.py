@@ -586,8 +586,10 @@ class PolicyDiagnose:
     seed: int = 1_200_007
     train_env: bool = False  # play in the training env (a life loss is `terminated`) instead of the evaluation's
     serve: bool = True  # press FIRE on the step after a lost life, as the scripts do
+    out: Optional[Path] = None  # also write the results to this JSON file
 
     def run(self) -> None:
+        results = []
         for path in self.models:
             d = policy_stats(self.script, path, self.env_id, self.episodes, self.epsilon, self.seed, self.train_env,
                              self.serve)
@@ -597,6 +599,9 @@ class PolicyDiagnose:
             print(f"{path}: {self.episodes} games at epsilon {self.epsilon}{how}: {d['return_mean']:.1f} +- "
                   f"{d['return_std']:.1f}, mean length {d['length_mean_frames']:,.0f} frames{surface}; greedy "
                   f"actions {', '.join(f'{k} {100 * v:.0f}%' for k, v in top)}", flush=True)
+            results.append(d)
+        if self.out:
+            write_json(self.out, {"config": asdict(self), "results": results})
 
 
 COMMANDS = {"sps": Sps, "update-cost": UpdateCost, "memory": Memory, "sb3-compare": Sb3Compare, "per-cost": PerCost,

@@ -121,7 +121,8 @@ def plot(data: dict[str, Any], env_id: str) -> Path:
             ax.plot(curve[:, 0], curve[:, 1], color=f"C{i}", linewidth=0.7, alpha=0.5)
         steps = sorted(set.intersection(*(set(c[:, 0]) for c in mine)))
         mean = [np.mean([c[c[:, 0] == s, 1][0] for c in mine]) for s in steps]
-        ax.plot(steps, mean, color=f"C{i}", linewidth=2.2, marker="o", label=f"{script} ({len(mine)} seeds)")
+        label = f"{script} ({len(mine)} seed{'s' * (len(mine) > 1)})"
+        ax.plot(steps, mean, color=f"C{i}", linewidth=2.2, marker="o", label=label)
     if env_id in data["random"]:
         ax.axhline(data["random"][env_id]["mean"], color="gray", linestyle="--", linewidth=1, label="random policy")
     ax.set_ylabel("evaluation return (10 games, eps 0.05)", fontsize=8)

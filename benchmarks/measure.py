@@ -8,6 +8,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Optional
 
+import cv2
 import numpy as np
 import torch
 import tyro
@@ -534,11 +535,12 @@ class PerDiagnose:
 
 
 def policy_stats(script: str, path: Path, env_id: str, episodes: int, epsilon: float, seed: int,
-                 train_env: bool = False, serve: bool = True) -> dict[str, Any]:
+                 train_env: bool = False, serve: bool = True, frames: Optional[Path] = None) -> dict[str, Any]:
     """A saved model's evaluation as the script runs it (full games, no-op starts, the serve), plus how often its
     greedy choice is each action and, in Seaquest, the share of steps with the player's yellow sub at the surface
     (read from a colour env replaying the same games): a hovering policy scores little in long games. train_env: the
-    training env (a life loss reported as terminated); serve=False: no FIRE after a lost life."""
+    training env (a life loss reported as terminated); serve=False: no FIRE after a lost life; frames: a PNG of game 0
+    every 150 steps (24 tiles, each with its step, score and lives)."""
     mod = load_script(script)
     game, sticky = mod.atari_game(env_id)
     n_actions = mod.count_actions(game, sticky, mod.Args.max_episode_frames)
@@ -550,22 +552,31 @@ def policy_stats(script: str, path: Path, env_id: str, episodes: int, epsilon: f
     colour.reset(seed=seed)
     games = mod.Games(envs, infos, mod.Args.max_episode_frames)
     returns, lengths, finished = np.zeros(episodes), np.zeros(episodes), np.zeros(episodes, dtype=bool)
-    greedy, steps, surface = np.zeros(n_actions), 0, 0
+    greedy, steps, surface, tiles, t = np.zeros(n_actions), 0, 0, [], 0
     while not finished.all():
+        t += 1
         with torch.inference_mode():
             actions = q_network(torch.from_numpy(obs)).argmax(dim=1).numpy()
         greedy += np.bincount(actions[~finished], minlength=n_actions)
         actions = np.where(rng.random(episodes) < epsilon, rng.integers(n_actions, size=episodes), actions)
         actions = games.act(actions) if serve else actions
         obs, rewards, terminations, truncations, infos = envs.step(actions)
-        band = colour.step(actions)[0][:, 0, 44:56].astype(int)  # Seaquest: the rows the sub floats in at the surface
+        image = colour.step(actions)[0][:, 0]
+        band = image[:, 44:56].astype(int)  # Seaquest: the rows the sub floats in at the surface
         yellow = ((band[..., 0] > 150) & (band[..., 1] > 150) & (band[..., 2] < 100)).sum(axis=(1, 2)) > 10
         returns += rewards * ~finished
+        if frames and t % 150 == 0 and not finished[0] and len(tiles) < 24:
+            tiles.append(cv2.putText(image[0].copy(), f"{t} {returns[0]:.0f} L{infos['lives'][0]}", (4, 206), 0, 0.35,
+                                     (255, 255, 255)))
         steps, surface = steps + (~finished).sum(), surface + (yellow & ~finished).sum()
         games.step(terminations, truncations, infos)
         lengths[games.ended & ~finished] = games.length[games.ended & ~finished]
         finished |= games.ended
     names = [a.name for a in envs.ale.get_action_set()]
+    if tiles:
+        tiles += [np.zeros_like(tiles[0])] * (-len(tiles) % 6)
+        grid = np.concatenate([np.concatenate(tiles[i:i + 6], axis=1) for i in range(0, len(tiles), 6)])
+        cv2.imwrite(str(frames), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
     envs.close()
     colour.close()
     return {"model": str(path), "return_mean": float(returns.mean()), "return_std": float(returns.std()),
@@ -587,12 +598,13 @@ class PolicyDiagnose:
     train_env: bool = False  # play in the training env (a life loss is `terminated`) instead of the evaluation's
     serve: bool = True  # press FIRE on the step after a lost life, as the scripts do
     out: Optional[Path] = None  # also write the results to this JSON file
+    frames: Optional[Path] = None  # a PNG of the first model's game 0, every 150 steps
 
     def run(self) -> None:
         results = []
         for path in self.models:
             d = policy_stats(self.script, path, self.env_id, self.episodes, self.epsilon, self.seed, self.train_env,
-                             self.serve)
+                             self.serve, self.frames if path == self.models[0] else None)
             top = sorted(d["greedy_share"].items(), key=lambda kv: -kv[1])[:4]
             surface = "" if d["surface_share"] is None else f", at the surface {100 * d['surface_share']:.0f}% of steps"
             how = ", training env" * self.train_env + ", no serve" * (not self.serve)

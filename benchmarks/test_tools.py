@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -548,5 +549,7 @@ def test_policy_diagnose_plays_a_bare_state_dict(tmp_path, script):
     assert 0 < d["surface_share"] < 1  # each life starts at the surface; a random policy dives off it
     if script == common.ATARI_SCRIPTS[0]:  # life_loss_info changes the flags, not the game
         same = measure.policy_stats(script, tmp_path / "q_network.pth", "SeaquestNoFrameskip-v4", episodes=1,
-                                    epsilon=1.0, seed=3, train_env=True)
+                                    epsilon=1.0, seed=3, train_env=True, frames=tmp_path / "game0.png")
         assert same["returns"] == d["returns"] and same["length_mean_frames"] == d["length_mean_frames"]
+        tiles = cv2.imread(str(tmp_path / "game0.png"))
+        assert tiles.shape[1] == 6 * 160 and tiles.shape[0] % 210 == 0  # rows of 6 full-size frames

@@ -617,8 +617,7 @@ class PolicyDiagnose:
 
 
 COMMANDS = {"sps": Sps, "update-cost": UpdateCost, "memory": Memory, "sb3-compare": Sb3Compare, "per-cost": PerCost,
-            "cartpole-solve": CartpoleSolve, "per-diagnose": PerDiagnose,
-            "policy-diagnose": PolicyDiagnose}
+            "cartpole-solve": CartpoleSolve, "per-diagnose": PerDiagnose, "policy-diagnose": PolicyDiagnose}
 
 if __name__ == "__main__":
     tyro.extras.subcommand_cli_from_dict(COMMANDS).run()

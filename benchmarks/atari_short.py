@@ -26,7 +26,9 @@ PLAN: dict[str, dict[str, tuple[int, ...]]] = {  # env id -> script -> seeds
     # the second game, chosen by a pilot (benchmarks/RESULTS.md section 10): dqn_atari.py seed 1 at 50k steps
     "SeaquestNoFrameskip-v4": {"dqn_atari.py": (1, 2), "dqn_atari_dueling_per.py": (1, 2)},
 }
-SB3_CELLS = (("BreakoutNoFrameskip-v4", 1),)
+# the side-by-side cell (Breakout seed 1), and Seaquest seeds 1 and 2: a peer on the game where dqn_atari.py
+# seed 2 ended below random (benchmarks/RESULTS.md section 10)
+SB3_CELLS = (("BreakoutNoFrameskip-v4", 1), ("SeaquestNoFrameskip-v4", 1), ("SeaquestNoFrameskip-v4", 2))
 BARS = {"BreakoutNoFrameskip-v4": 5.0}  # every seed must end at least this many times the random policy's return
 RANDOM = {"epsilon": 1.0, "episodes": 30, "seed": 12345}
 SB3_SETTINGS = dict(learning_rate=1e-4, buffer_size=100_000, learning_starts=20_000, batch_size=32, tau=1.0, gamma=0.99,

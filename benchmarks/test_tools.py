@@ -406,8 +406,8 @@ def test_atari_short_skips_recorded_cells_reports_and_refuses_another_protocol(t
     runs = [{"script": c.script, "env_id": c.env_id, "seed": c.seed, "final_eval_return": 10.0 + c.seed,
              "eval": [[50_000, 1.0], [100_000, 10.0 + c.seed]]}
             for env_id in atari_short.PLAN for c in atari_short.wanted_cells(env_id)]
-    runs.append({"script": "stable-baselines3 2.9.2 DQN", "env_id": "BreakoutNoFrameskip-v4", "seed": 1,
-                 "final_eval_return": 8.0, "eval": [[50_000, 2.0], [100_000, 8.0]]})
+    runs += [{"script": "stable-baselines3 2.9.2 DQN", "env_id": env_id, "seed": seed, "final_eval_return": 8.0,
+              "eval": [[50_000, 2.0], [100_000, 8.0]]} for env_id, seed in atari_short.SB3_CELLS]
     out = tmp_path / "atari_short.json"
     record = {"protocol": {"flags": list(atari_short.PROTOCOL)}, "random": {e: {"mean": 2.0} for e in atari_short.PLAN},
               "runs": runs}
@@ -416,7 +416,8 @@ def test_atari_short_skips_recorded_cells_reports_and_refuses_another_protocol(t
     assert "to run: nothing" in capsys.readouterr().out
     empty = tmp_path / "empty.json"  # --only: one implementation's missing cells
     assert atari_short.main(atari_short.Args(dry_run=True, out=empty, only="sb3")) == 0
-    assert capsys.readouterr().out.strip() == "to run: SB3 BreakoutNoFrameskip-v4 seed 1"
+    assert capsys.readouterr().out.strip() == ("to run: SB3 BreakoutNoFrameskip-v4 seed 1, SB3 SeaquestNoFrameskip-v4 "
+                                               "seed 1, SB3 SeaquestNoFrameskip-v4 seed 2")
     assert atari_short.main(atari_short.Args(dry_run=True, out=empty, only="dqn_atari_dueling_per.py")) == 0
     assert capsys.readouterr().out.count("__dqn_atari_dueling_per__") == 4
     assert atari_short.main(atari_short.Args(record_only=True, out=out)) == 0  # nothing to record: table and plot

@@ -30,7 +30,7 @@ import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, NamedTuple, NoReturn, Optional
+from typing import BinaryIO, Callable, NamedTuple, NoReturn, Optional
 
 import ale_py
 import cv2
@@ -686,11 +686,12 @@ def restore(run: RunState, checkpoint: dict, args: Args) -> None:
         run.learning_from = run.global_step + args.learning_starts
 
 
-def save_checkpoint(path: str, state: dict) -> None:
-    """Atomic write: a kill mid-write leaves the previous file intact (write a temp file, fsync, rename over)."""
+def save_checkpoint(path: str, state: dict, dump: Callable[[dict, BinaryIO], object] = torch.save) -> None:
+    """Atomic write of dump(state, file): a kill mid-write leaves the previous file intact (write a temp file, fsync,
+    rename over)."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
-        torch.save(state, f)
+        dump(state, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -852,10 +853,8 @@ class Log:
                    "final_eval_return": run.last_eval, "checkpoint": self.files.checkpoint,
                    "checkpoint_step": run.global_step if checkpoint_step is None else checkpoint_step,
                    "resumed_from": self.args.resume, "args": asdict(self.args)}
-        path = os.path.join(self.files.run_dir, "summary.json")
-        with open(f"{path}.tmp{os.getpid()}", "w") as f:
-            json.dump(summary, f, indent=1)
-        os.replace(f"{path}.tmp{os.getpid()}", path)
+        save_checkpoint(os.path.join(self.files.run_dir, "summary.json"), summary,
+                        dump=lambda obj, f: f.write(json.dumps(obj, indent=1).encode()))
 
     def finish(self, rb: ReplayBuffer, signum: Optional[int]) -> None:
         """The end of a run, completed or stopped by a signal: checkpoint, CleanRL's model file, summary."""

@@ -21,7 +21,7 @@ import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, NamedTuple, NoReturn, Optional
+from typing import BinaryIO, Callable, NamedTuple, NoReturn, Optional
 
 import ale_py
 import cv2
@@ -502,11 +502,12 @@ def restore(run: RunState, checkpoint: dict, args: Args) -> None:
         fail(f"{args.resume!r} is not a complete checkpoint of this script ({type(e).__name__}: {e})")
 
 
-def save_checkpoint(path: str, state: dict) -> None:
-    """Atomic write: a kill mid-write leaves the previous file intact (write a temp file, fsync, rename over)."""
+def save_checkpoint(path: str, state: dict, dump: Callable[[dict, BinaryIO], object] = torch.save) -> None:
+    """Atomic write of dump(state, file): a kill mid-write leaves the previous file intact (write a temp file, fsync,
+    rename over)."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
-        torch.save(state, f)
+        dump(state, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -684,10 +685,8 @@ class Log:
                    # --goal-score: the step and the seconds (wall_s's clock, as the printed line) it was reached at
                    "goal_score": self.args.goal_score, "goal_reached_step": self.goal_reached_step,
                    "goal_reached_s": self.goal_reached_s}
-        path = os.path.join(self.files.run_dir, "summary.json")
-        with open(f"{path}.tmp{os.getpid()}", "w") as f:
-            json.dump(summary, f, indent=1)
-        os.replace(f"{path}.tmp{os.getpid()}", path)
+        save_checkpoint(os.path.join(self.files.run_dir, "summary.json"), summary,
+                        dump=lambda obj, f: f.write(json.dumps(obj, indent=1).encode()))
 
     def finish(self, rb: ReplayBuffer, signum: Optional[int]) -> None:
         """The end of a run (completed, goal reached, or stopped by a signal): checkpoint, CleanRL's model file,

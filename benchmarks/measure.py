@@ -540,7 +540,8 @@ def policy_stats(script: str, path: Path, env_id: str, episodes: int, epsilon: f
     greedy choice is each action and, in Seaquest, the share of steps with the player's yellow sub at the surface
     (read from a colour env replaying the same games): a hovering policy scores little in long games. train_env: the
     training env (a life loss reported as terminated); serve=False: no FIRE after a lost life; frames: a PNG of game 0
-    every 150 steps (24 tiles, each with its step, score and lives)."""
+    every 150 steps (24 tiles, each with its step, score and lives). surface_dive_gap: at the surface, how far the
+    best action's Q-value stands above the best diving (DOWN*) action's, next to the Q-values' own size there."""
     mod = load_script(script)
     game, sticky = mod.atari_game(env_id)
     n_actions = mod.count_actions(game, sticky, mod.Args.max_episode_frames)
@@ -549,30 +550,34 @@ def policy_stats(script: str, path: Path, env_id: str, episodes: int, epsilon: f
     envs = mod.make_env(game, episodes, sticky, mod.Args.max_episode_frames, train=train_env)
     colour = mod.make_env(game, episodes, sticky, mod.Args.max_episode_frames, train=False, rgb=True)
     rng, (obs, infos) = np.random.default_rng(seed), envs.reset(seed=seed)
-    colour.reset(seed=seed)
+    image = colour.reset(seed=seed)[0][:, 0]
     games = mod.Games(envs, infos, mod.Args.max_episode_frames)
     returns, lengths, finished = np.zeros(episodes), np.zeros(episodes), np.zeros(episodes, dtype=bool)
-    greedy, steps, surface, tiles, t = np.zeros(n_actions), 0, 0, [], 0
+    greedy, steps, surface, tiles, t, gaps, top = np.zeros(n_actions), 0, 0, [], 0, [], []
+    names = [a.name for a in envs.ale.get_action_set()]
+    dive = [a for a, name in enumerate(names) if "DOWN" in name]
     while not finished.all():
         t += 1
+        band = image[:, 44:56].astype(int)  # Seaquest: the rows the sub floats in at the surface
+        yellow = ((band[..., 0] > 150) & (band[..., 1] > 150) & (band[..., 2] < 100)).sum(axis=(1, 2)) > 10
         with torch.inference_mode():
-            actions = q_network(torch.from_numpy(obs)).argmax(dim=1).numpy()
+            q = q_network(torch.from_numpy(obs))
+        actions = q.argmax(dim=1).numpy()
+        gaps += (q.max(dim=1).values - q[:, dive].max(dim=1).values).numpy()[yellow & ~finished].tolist()
+        top += q.max(dim=1).values.numpy()[yellow & ~finished].tolist()
         greedy += np.bincount(actions[~finished], minlength=n_actions)
         actions = np.where(rng.random(episodes) < epsilon, rng.integers(n_actions, size=episodes), actions)
         actions = games.act(actions) if serve else actions
         obs, rewards, terminations, truncations, infos = envs.step(actions)
-        image = colour.step(actions)[0][:, 0]
-        band = image[:, 44:56].astype(int)  # Seaquest: the rows the sub floats in at the surface
-        yellow = ((band[..., 0] > 150) & (band[..., 1] > 150) & (band[..., 2] < 100)).sum(axis=(1, 2)) > 10
         returns += rewards * ~finished
+        steps, surface = steps + (~finished).sum(), surface + (yellow & ~finished).sum()
+        image = colour.step(actions)[0][:, 0]
         if frames and t % 150 == 0 and not finished[0] and len(tiles) < 24:
             tiles.append(cv2.putText(image[0].copy(), f"{t} {returns[0]:.0f} L{infos['lives'][0]}", (4, 206), 0, 0.35,
                                      (255, 255, 255)))
-        steps, surface = steps + (~finished).sum(), surface + (yellow & ~finished).sum()
         games.step(terminations, truncations, infos)
         lengths[games.ended & ~finished] = games.length[games.ended & ~finished]
         finished |= games.ended
-    names = [a.name for a in envs.ale.get_action_set()]
     if tiles:
         tiles += [np.zeros_like(tiles[0])] * (-len(tiles) % 6)
         grid = np.concatenate([np.concatenate(tiles[i:i + 6], axis=1) for i in range(0, len(tiles), 6)])
@@ -582,7 +587,11 @@ def policy_stats(script: str, path: Path, env_id: str, episodes: int, epsilon: f
     return {"model": str(path), "return_mean": float(returns.mean()), "return_std": float(returns.std()),
             "returns": returns.tolist(), "length_mean_frames": float(lengths.mean()),
             "greedy_share": {names[a]: round(float(g / greedy.sum()), 3) for a, g in enumerate(greedy) if g},
-            "surface_share": float(surface / steps) if game == "seaquest" else None}
+            "surface_share": float(surface / steps) if game == "seaquest" else None,
+            "surface_dive_gap": {"median": float(np.median(gaps)), "p90": float(np.percentile(gaps, 90)),
+                                 "share_positive": float(np.mean(np.array(gaps) > 0)), "steps": len(gaps),
+                                 "max_q_median": float(np.median(top))}
+            if game == "seaquest" and gaps else None}
 
 
 @dataclass
@@ -606,7 +615,12 @@ class PolicyDiagnose:
             d = policy_stats(self.script, path, self.env_id, self.episodes, self.epsilon, self.seed, self.train_env,
                              self.serve, self.frames if path == self.models[0] else None)
             top = sorted(d["greedy_share"].items(), key=lambda kv: -kv[1])[:4]
-            surface = "" if d["surface_share"] is None else f", at the surface {100 * d['surface_share']:.0f}% of steps"
+            gap, surface = d["surface_dive_gap"], ""
+            if d["surface_share"] is not None:
+                surface = f", at the surface {100 * d['surface_share']:.0f}% of steps"
+            if gap:
+                surface += (f" (there: max Q - max diving Q median {gap['median']:.3f}, p90 {gap['p90']:.3f}, > 0 in "
+                            f"{100 * gap['share_positive']:.0f}%; max Q median {gap['max_q_median']:.2f})")
             how = ", training env" * self.train_env + ", no serve" * (not self.serve)
             print(f"{path}: {self.episodes} games at epsilon {self.epsilon}{how}: {d['return_mean']:.1f} +- "
                   f"{d['return_std']:.1f}, mean length {d['length_mean_frames']:,.0f} frames{surface}; greedy "

@@ -548,6 +548,8 @@ def test_policy_diagnose_plays_a_bare_state_dict(tmp_path, script):
     assert len(d["returns"]) == 1 and d["length_mean_frames"] > 0
     assert sum(d["greedy_share"].values()) == pytest.approx(1, abs=0.01)
     assert 0 < d["surface_share"] < 1  # each life starts at the surface; a random policy dives off it
+    gap = d["surface_dive_gap"]  # at the surface: max Q over all actions minus over the DOWN* ones, never negative
+    assert gap["steps"] > 0 and 0 <= gap["median"] <= gap["p90"] and 0 <= gap["share_positive"] <= 1
     if script == common.ATARI_SCRIPTS[0]:  # life_loss_info changes the flags, not the game
         same = measure.policy_stats(script, tmp_path / "q_network.pth", "SeaquestNoFrameskip-v4", episodes=1,
                                     epsilon=1.0, seed=3, train_env=True, frames=tmp_path / "game0.png")

@@ -562,15 +562,15 @@ def policy_stats(script: str, path: Path, env_id: str, episodes: int, epsilon: f
         yellow = ((band[..., 0] > 150) & (band[..., 1] > 150) & (band[..., 2] < 100)).sum(axis=(1, 2)) > 10
         with torch.inference_mode():
             q = q_network(torch.from_numpy(obs))
-        actions = q.argmax(dim=1).numpy()
-        gaps += (q.max(dim=1).values - q[:, dive].max(dim=1).values).numpy()[yellow & ~finished].tolist()
-        top += q.max(dim=1).values.numpy()[yellow & ~finished].tolist()
+        actions, best, surfaced = q.argmax(dim=1).numpy(), q.max(dim=1).values.numpy(), yellow & ~finished
+        gaps += (best - q[:, dive].max(dim=1).values.numpy())[surfaced].tolist()
+        top += best[surfaced].tolist()
         greedy += np.bincount(actions[~finished], minlength=n_actions)
         actions = np.where(rng.random(episodes) < epsilon, rng.integers(n_actions, size=episodes), actions)
         actions = games.act(actions) if serve else actions
         obs, rewards, terminations, truncations, infos = envs.step(actions)
         returns += rewards * ~finished
-        steps, surface = steps + (~finished).sum(), surface + (yellow & ~finished).sum()
+        steps, surface = steps + (~finished).sum(), surface + surfaced.sum()
         image = colour.step(actions)[0][:, 0]
         if frames and t % 150 == 0 and not finished[0] and len(tiles) < 24:
             tiles.append(cv2.putText(image[0].copy(), f"{t} {returns[0]:.0f} L{infos['lives'][0]}", (4, 206), 0, 0.35,

@@ -555,7 +555,7 @@ def policy_stats(script: str, path: Path, env_id: str, episodes: int, epsilon: f
     returns, lengths, finished = np.zeros(episodes), np.zeros(episodes), np.zeros(episodes, dtype=bool)
     greedy, steps, surface, tiles, t, gaps, top = np.zeros(n_actions), 0, 0, [], 0, [], []
     names = [a.name for a in envs.ale.get_action_set()]
-    dive = [a for a, name in enumerate(names) if "DOWN" in name]
+    dive = [a for a, name in enumerate(names) if "DOWN" in name] if game == "seaquest" else []  # the sub's dives
     while not finished.all():
         t += 1
         band = image[:, 44:56].astype(int)  # Seaquest: the rows the sub floats in at the surface
@@ -563,8 +563,9 @@ def policy_stats(script: str, path: Path, env_id: str, episodes: int, epsilon: f
         with torch.inference_mode():
             q = q_network(torch.from_numpy(obs))
         actions, best, surfaced = q.argmax(dim=1).numpy(), q.max(dim=1).values.numpy(), yellow & ~finished
-        gaps += (best - q[:, dive].max(dim=1).values.numpy())[surfaced].tolist()
-        top += best[surfaced].tolist()
+        if dive:
+            gaps += (best - q[:, dive].max(dim=1).values.numpy())[surfaced].tolist()
+            top += best[surfaced].tolist()
         greedy += np.bincount(actions[~finished], minlength=n_actions)
         actions = np.where(rng.random(episodes) < epsilon, rng.integers(n_actions, size=episodes), actions)
         actions = games.act(actions) if serve else actions
@@ -591,7 +592,7 @@ def policy_stats(script: str, path: Path, env_id: str, episodes: int, epsilon: f
             "surface_dive_gap": {"median": float(np.median(gaps)), "p90": float(np.percentile(gaps, 90)),
                                  "share_positive": float(np.mean(np.array(gaps) > 0)), "steps": len(gaps),
                                  "max_q_median": float(np.median(top))}
-            if game == "seaquest" and gaps else None}
+            if gaps else None}
 
 
 @dataclass

@@ -556,3 +556,8 @@ def test_policy_diagnose_plays_a_bare_state_dict(tmp_path, script):
         assert same["returns"] == d["returns"] and same["length_mean_frames"] == d["length_mean_frames"]
         tiles = cv2.imread(str(tmp_path / "game0.png"))
         assert tiles.shape[1] == 6 * 160 and tiles.shape[0] % 210 == 0  # rows of 6 full-size frames
+        torch.save(mod.QNetwork(4).state_dict(), tmp_path / "breakout.pth")  # a game without DOWN actions
+        other = measure.policy_stats(script, tmp_path / "breakout.pth", "BreakoutNoFrameskip-v4", episodes=1,
+                                     epsilon=1.0, seed=3)
+        assert other["length_mean_frames"] > 0 and other["surface_share"] is None
+        assert other["surface_dive_gap"] is None

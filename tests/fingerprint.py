@@ -4,11 +4,16 @@ a rename) must reproduce bit for bit: so that learning results measured before i
 Per script, one run in two processes: a first part, then `--resume` from its checkpoint (replay included) to the end.
 Recorded: every logged training and evaluation return and TD loss with its step, the final counts of env steps,
 gradient updates and target syncs, and a SHA-256 of the final online and target weights.
-Float results depend on the CPU's kernels, so a fingerprint holds for the machine (CPU model, torch, threads) that
-recorded it; tests/test_fingerprint.py skips elsewhere, saying how to record one there from the same commit:
+Float results depend on the CPU's kernels, so a fingerprint holds for the machine (CPU model, cores, torch, threads)
+that recorded it. tests/fingerprint.json keeps one record per machine type (the Intel Xeon and the AMD EPYC dev VMs,
+both from the same commit); tests/test_fingerprint.py compares against the record of the machine it runs on, fails
+if that differs, and skips only on a machine with no record, saying how to add one there from the same commit:
 
-    git worktree add /tmp/fp COMMIT && (cd /tmp/fp && python tests/fingerprint.py --out $OLDPWD/tests/fingerprint.json)
+    git worktree add /tmp/fp COMMIT && (cd /tmp/fp && python $OLDPWD/tests/fingerprint.py --scripts-from . \
+        --out $OLDPWD/tests/fingerprint.json)
     python tests/fingerprint.py            # record from the working tree (only before a behaviour-keeping change)
+
+Recording replaces this machine's record in the file and keeps the others.
 """
 
 import argparse
@@ -58,12 +63,14 @@ def weights_sha256(state_dict: dict) -> str:
     return digest.hexdigest()
 
 
-def collect(script: str, workdir: Path) -> dict:
+def collect(script: str, workdir: Path, root: Path = ROOT) -> dict:
     flags, first, total = RUNS[script]
-    part1 = run_script(script, *flags, "--seed", 1, "--total-timesteps", first, "--run-name", "fp", cwd=workdir)
+    part1 = run_script(script, *flags, "--seed", 1, "--total-timesteps", first, "--run-name", "fp", cwd=workdir,
+                       root=root)
     assert part1.returncode == 0, part1.stderr
     checkpoint = workdir / "runs" / "fp" / "checkpoint.pt"
-    part2 = run_script(script, *flags, "--seed", 1, "--total-timesteps", total, "--resume", checkpoint, cwd=workdir)
+    part2 = run_script(script, *flags, "--seed", 1, "--total-timesteps", total, "--resume", checkpoint, cwd=workdir,
+                       root=root)
     assert part2.returncode == 0, part2.stderr
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     return {"counts": {k: state[k] for k in ("global_step", "n_updates", "n_target_syncs")},
@@ -71,24 +78,32 @@ def collect(script: str, workdir: Path) -> dict:
             "scalars": {tag: read_scalars(workdir / "runs" / "fp", tag) for tag in TAGS}}
 
 
-def fingerprint() -> dict:
+def fingerprint(root: Path) -> dict:
     runs = {}
     for script in RUNS:
         with tempfile.TemporaryDirectory() as tmp:
-            runs[script] = collect(script, Path(tmp))
+            runs[script] = collect(script, Path(tmp), root)
     return runs
+
+
+def records(path: Path = DEFAULT_OUT) -> list[dict]:
+    return json.loads(path.read_text())["records"] if path.exists() else []
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    out = parser.parse_args().out
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                capture_output=True, text=True).stdout.strip())
-    record = {"commit": commit, "dirty": dirty, "machine": machine(), "runs": fingerprint()}
-    out.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {out} (commit {commit[:7]}{', dirty tree' if dirty else ''})")
+    parser.add_argument("--scripts-from", type=Path, default=ROOT, help="a checkout (e.g. a worktree of the commit "
+                        "before a change) whose scripts to record")
+    args = parser.parse_args()
+    git = lambda *cmd: subprocess.run(["git", *cmd], cwd=args.scripts_from, capture_output=True,  # noqa: E731
+                                      text=True).stdout.strip()
+    commit, dirty = git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=no"))
+    record = {"commit": commit, "dirty": dirty, "machine": machine(), "runs": fingerprint(args.scripts_from)}
+    kept = [r for r in records(args.out) if r["machine"] != record["machine"]]
+    args.out.write_text(json.dumps({"records": kept + [record]}, indent=1) + "\n")
+    print(f"wrote {args.out}: this machine's record (commit {commit[:7]}{', dirty tree' if dirty else ''}) beside "
+          f"{len(kept)} other machine(s)")
 
 
 if __name__ == "__main__":

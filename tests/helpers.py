@@ -23,10 +23,10 @@ def load_script(name: str):
 
 
 def run_script(name: str, *args, cwd, timeout: float = 600, env: dict | None = None, wait: bool = True,
-               stderr=subprocess.PIPE):
-    """Runs `python {name}.py args...` in cwd; returns the CompletedProcess (or the Popen if wait=False, whose stderr
-    goes to `stderr`: a pipe by default, or e.g. a pty's file descriptor)."""
-    cmd = [sys.executable, str(ROOT / f"{name}.py"), *map(str, args)]
+               stderr=subprocess.PIPE, root: Path = ROOT):
+    """Runs `python {root}/{name}.py args...` in cwd; returns the CompletedProcess (or the Popen if wait=False, whose
+    stderr goes to `stderr`: a pipe by default, or e.g. a pty's file descriptor)."""
+    cmd = [sys.executable, str(root / f"{name}.py"), *map(str, args)]
     full_env = {**os.environ, "WANDB_MODE": "offline", **(env or {})}
     if not wait:
         return subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=stderr, text=True)

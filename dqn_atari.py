@@ -21,9 +21,12 @@ the paper.
 """
 
 import copy
+import ctypes
 import difflib
+import fcntl
 import glob
 import json
+import math
 import os
 import re
 import signal
@@ -126,6 +129,7 @@ CANDIDATES = 8  # uniform sampling draws this many slots per batch row and keeps
 COLUMNS = ("action", "reward", "done", "first")  # the float32 row a replay slot stores beside its frame
 ACTION, REWARD, DONE, FIRST = range(len(COLUMNS))
 RUN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=+-]*")
+ENV_BYTES = 2 * 2**20  # host RAM of one ale-py emulator with its frame buffers (1.3 to 1.9 MB each, 8 to 256 envs)
 
 
 def atari_game(env_id: str) -> tuple[str, float]:
@@ -201,6 +205,12 @@ class Games:
         self.lives, self.frames, self.reset_next = lives.copy(), frames.copy(), game_over
         self.ended = game_over | self.missed
         return game_over
+
+
+def env_seed(seed: int, num_envs: int) -> int:
+    """A reset seed ale-py accepts for num_envs envs: it seeds env i with seed + i as a C++ int32, so a run seed plus
+    an offset (the step, the evaluation's) is folded into [0, 2^31 - num_envs); seeds below that are unchanged."""
+    return seed % (2**31 - num_envs)
 
 
 def linear_schedule(start_e: float, end_e: float, duration: int, t: int) -> float:
@@ -377,6 +387,7 @@ def evaluate(q_network: nn.Module, game: str, sticky: float, max_frames: int, ep
     """
     envs = make_env(game, episodes, sticky, max_frames, train=False)
     video_env = make_env(game, 1, sticky, max_frames, train=False, rgb=True) if video_path else None
+    seed = env_seed(seed, episodes)
     rng = np.random.default_rng(seed)
     obs, infos = envs.reset(seed=seed)
     games = Games(envs, infos, max_frames)
@@ -435,6 +446,13 @@ class RunState:
         self.eval_due = False  # an evaluation is owed at global_step (set after the step; a signal may cut it short)
         self.held_out: Optional[Batch] = None  # DeepMind's held-out transitions, drawn when learning starts
         self.learning_from = 0  # no update before this step (a resumed run with an empty buffer refills it first)
+        self.last_finite: Optional[dict] = None  # a copy of the last learner state whose losses were all finite
+
+    def finite(self) -> bool:
+        """Whether both networks and the optimizer's moments hold only finite numbers (one sync point)."""
+        tensors = [*self.q_network.parameters(), *self.target_network.parameters(),
+                   *(v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v))]
+        return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
     def learner_state(self) -> dict:
         """The learner alone: what a non-finite loss rolls back to."""
@@ -467,38 +485,44 @@ class RunState:
 
 def main(args: Args) -> None:
     validate_args(args)
-    game, sticky = atari_game(args.env_id)
-    n_actions = count_actions(game, sticky, args.max_episode_frames)
-    checkpoint = load_checkpoint(args.resume, args.env_id, n_actions) if args.resume else None
-    device = pick_device(args)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    if args.play:
-        return play(args, game, sticky, n_actions, device)
-    storage = replay_storage(args, device)
-    files = RunFiles(args, checkpoint)
+    with StopOnSignal() as stop:  # until stop.arm(), a signal ends the process at once: nothing is written before it
+        game, sticky = atari_game(args.env_id)
+        n_actions = count_actions(game, sticky, args.max_episode_frames)
+        checkpoint = load_checkpoint(args.resume, args.env_id, n_actions) if args.resume else None
+        device = pick_device(args)
+        torch.manual_seed(args.seed)
+        torch.backends.cudnn.deterministic = args.torch_deterministic
+        check_emulator_memory(args)
+        if args.play:
+            return play(args, game, sticky, n_actions, device)
+        storage = replay_storage(args, device)
+        files = RunFiles(args, checkpoint)
 
-    # ALGO LOGIC: initialize agent here:
-    run = RunState(args, n_actions, device)
-    if checkpoint:
-        restore(run, checkpoint, args)
-    # the replay buffer comes last: its allocation is the slow part, after the checks above
-    rb = ReplayBuffer(args.buffer_size, args.num_envs, storage, device)
-    print(f"replay: {ReplayBuffer.bytes_needed(args.buffer_size, args.num_envs) / 1e9:.2f} GB on {storage}, "
-          f"learner on {device}")
-    if checkpoint and checkpoint["replay_buffer"] is not None:
-        rb.load_state_dict(checkpoint["replay_buffer"])
-    log = Log(args, files, run, resumed=checkpoint is not None)
-
-    with StopOnSignal() as stop:
+        # ALGO LOGIC: initialize agent here:
+        run = RunState(args, n_actions, device)
+        if checkpoint:
+            restore(run, checkpoint, args)
+        # the replay buffer and the envs come last: they are the slow part of the start, after the checks above
+        rb = ReplayBuffer(args.buffer_size, args.num_envs, storage, device)
+        print(f"replay: {ReplayBuffer.bytes_needed(args.buffer_size, args.num_envs) / 1e9:.2f} GB on {storage}, "
+              f"learner on {device}", flush=True)
+        if checkpoint and checkpoint["replay_buffer"] is not None:
+            rb.load_state_dict(checkpoint["replay_buffer"])
         envs = make_env(game, args.num_envs, sticky, args.max_episode_frames, train=True)
-        obs, infos = envs.reset(seed=args.seed + run.global_step)
+        files.create()  # the run folder, locked by this process until it ends
+        log = Log(args, files, run, resumed=checkpoint is not None)
+        # from here on a signal stops the loop cleanly, and a crash still leaves a checkpoint and summary.json
+        stop.arm(on_crash=lambda error: end_run(run, rb, log, f"error: {type(error).__name__}: {error}"))
+
+        obs, infos = envs.reset(seed=env_seed(args.seed + run.global_step, args.num_envs))
         games = Games(envs, infos, args.max_episode_frames)
         # each env's stream starts with the first frame of its game: a slot that is not a transition
         rb.add(obs[:, -1], *np.zeros((3, args.num_envs)), firsts=np.ones(args.num_envs, dtype=bool))
-        last_finite = copy.deepcopy(run.learner_state())  # the last learner state whose losses were all finite
+        run.last_finite = copy.deepcopy(run.learner_state())
         while not stop:
             if run.eval_due:  # the step that passed a multiple of eval_frequency, the last one, or an owed evaluation
+                if not run.finite():  # sync point: a non-finite network is neither evaluated nor saved
+                    end_run(run, rb, log, f"non-finite weights at step {run.global_step}")
                 started = time.time()
                 returns, _ = evaluate(run.q_network, game, sticky, args.max_episode_frames, args.eval_episodes,
                                       args.eval_epsilon, args.seed + 1_000_000 + run.global_step, device,
@@ -537,9 +561,10 @@ def main(args: Args) -> None:
                     log.update(train_step(run.q_network, run.target_network, run.optimizer, data, args.gamma), step)
                     run.n_updates += 1
                     if run.n_updates % LOG_EVERY == 0:
-                        if not log.updates_finite(step, epsilon):  # sync point: once per LOG_EVERY updates
-                            stop_non_finite(run, rb, log, last_finite)
-                        last_finite = copy.deepcopy(run.learner_state())
+                        bad_step = log.read_updates(step, epsilon)  # sync point: once per LOG_EVERY updates
+                        if bad_step is not None:
+                            end_run(run, rb, log, f"non-finite loss at step {bad_step}")
+                        run.last_finite = copy.deepcopy(run.learner_state())
                 if step % args.target_network_frequency == 0:
                     update_target(run.target_network, run.q_network, args.tau)
                     run.n_target_syncs += 1
@@ -556,10 +581,12 @@ def main(args: Args) -> None:
             run.eval_due = (passed_multiple(args.eval_frequency, run.global_step, args.num_envs)
                             or run.global_step >= args.total_timesteps)  # evaluated at the top of the loop
             if passed_multiple(args.checkpoint_frequency, run.global_step, args.num_envs):
+                if not run.finite():  # sync point: a non-finite state is never written over a finite one
+                    end_run(run, rb, log, f"non-finite weights at step {run.global_step}")
                 save_checkpoint(files.checkpoint, files.checkpoint_state(run, rb))
             log.progress(epsilon)
         envs.close()
-    log.finish(rb, stop.signum)
+    end_run(run, rb, log, "completed" if stop.signum is None else f"signal {signal.Signals(stop.signum).name}")
 
 
 # =====================================================================================================================
@@ -575,6 +602,11 @@ def fail(message: str) -> NoReturn:
 
 
 def validate_args(args: Args) -> None:
+    for name, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    if not 0 <= args.seed < 2**32:
+        fail(f"--seed must be in [0, 2^32), got {args.seed}")
     positive = ["total_timesteps", "num_envs", "buffer_size", "batch_size", "train_frequency", "eval_episodes"]
     positive += ["target_network_frequency", "max_episode_frames"]
     for name in positive:
@@ -624,14 +656,36 @@ def available_ram() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+HEADROOM = 2 * 2**30  # networks, optimizer, batches, the CUDA context and the rest of the process
+
+
+def emulator_bytes(args: Args) -> int:
+    """Host RAM of the training envs (none for --play), the evaluation's and the video's, all alive at once."""
+    return ((0 if args.play else args.num_envs) + args.eval_episodes + 1) * ENV_BYTES
+
+
+def check_emulator_memory(args: Args) -> None:
+    """Fails early when the envs cannot fit in RAM, before ale-py spends minutes building them and then swaps."""
+    free = available_ram() - HEADROOM
+    if emulator_bytes(args) <= free:
+        return
+    training = 0 if args.play else args.num_envs
+    num_envs = max(free // ENV_BYTES - args.eval_episodes - 1, 0)  # beside this many evaluation games
+    eval_episodes = max(free // ENV_BYTES - training - 1, 0)  # beside this many training envs
+    hint = (f"the largest --num-envs that fits beside --eval-episodes {args.eval_episodes} is {num_envs}"
+            if training and num_envs else f"the largest --eval-episodes that fits is {eval_episodes}")
+    flags = f"--num-envs {args.num_envs} and " * bool(training) + f"--eval-episodes {args.eval_episodes}"
+    fail(f"{flags} need {emulator_bytes(args) / 1e9:.1f} GB of RAM for their emulators but only "
+         f"{max(free, 0) / 1e9:.1f} GB is free; {hint}")
+
+
 def replay_storage(args: Args, device: torch.device) -> torch.device:
-    """GPU memory when the buffer fits there (sampling and stacking stay on the GPU), else host RAM; fails early
-    with the largest --buffer-size that fits when it fits nowhere."""
+    """GPU memory when the buffer fits there (sampling and stacking stay on the GPU), else host RAM beside the envs;
+    fails early with the largest --buffer-size that fits when it fits nowhere."""
     needed = ReplayBuffer.bytes_needed(args.buffer_size, args.num_envs)
-    headroom = 2 * 2**30  # networks, optimizer, batches, the CUDA context and the rest of the process
-    if device.type == "cuda" and needed <= torch.cuda.mem_get_info(device)[0] - headroom:
+    if device.type == "cuda" and needed <= torch.cuda.mem_get_info(device)[0] - HEADROOM:
         return device
-    free = available_ram() - headroom
+    free = available_ram() - HEADROOM - emulator_bytes(args)
     if needed <= free:
         return torch.device("cpu")
     largest = int(args.buffer_size * max(free, 0) / needed)
@@ -650,13 +704,37 @@ class RunFiles:
                          or f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}")
         self.run_dir = os.path.join("runs", self.run_name)
         self.checkpoint = os.path.join(self.run_dir, "checkpoint.pt")
-        if not checkpoint and os.path.exists(self.checkpoint):
-            fail(f"{self.run_dir} already holds a run; continue it with --resume {self.checkpoint} or pass another "
-                 "--run-name")
+        self.resuming, self.lock_path = checkpoint is not None, os.path.join(self.run_dir, "lock")
+        if os.path.exists(self.lock_path):  # early, writing nothing; create() takes the lock for real
+            with open(self.lock_path) as lock:
+                self.take(lock, fcntl.LOCK_SH)
+        self.check_new()
         check_writable(self.run_dir)
 
+    def take(self, lock, mode: int) -> None:
+        """flock(lock, mode) or fail, naming the process that holds the run folder (its pid is in the file)."""
+        try:
+            fcntl.flock(lock, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            fail(f"{self.run_dir} is in use by process {lock.read().strip() or '?'} (it holds {self.lock_path}); "
+                 "wait for it to end or pass another --run-name")
+
+    def check_new(self) -> None:
+        if not self.resuming and os.path.exists(self.checkpoint):
+            fail(f"{self.run_dir} already holds a run; continue it with --resume {self.checkpoint} or pass another "
+                 "--run-name")
+
     def create(self) -> None:
+        """Creates the folder and locks it for this process's life with flock, which the kernel releases when the
+        process ends however it ends: a second process fails, and a killed run can be resumed at once."""
         os.makedirs(self.run_dir, exist_ok=True)
+        self.lock = open(self.lock_path, "a+")  # kept open: closing it would release the lock
+        self.take(self.lock, fcntl.LOCK_EX)
+        self.check_new()  # a run of this name may have started, checkpointed and ended since the early check
+        self.lock.truncate(0)
+        self.lock.write(f"{os.getpid()}\n")
+        self.lock.flush()
         for stale in glob.glob(f"{self.checkpoint}.tmp*"):  # left by a process killed while writing a checkpoint
             os.remove(stale)
 
@@ -763,11 +841,10 @@ def write_video(path: str, frames: list[np.ndarray], fps: int = 15) -> None:
 class Log:
     """Where a run reports: TensorBoard (CleanRL's tags; synced to W&B with --track), the terminal (a progress line
     on a tty), the best model, and runs/{run_name}/summary.json, written for programs when the run ends however it
-    ends (completed, a signal, a non-finite loss)."""
+    ends (completed, a signal, a non-finite loss, a crash)."""
 
     def __init__(self, args: Args, files: RunFiles, run: RunState, resumed: bool):
         self.args, self.files, self.run = args, files, run
-        files.create()
         if args.track:
             import wandb
 
@@ -806,17 +883,17 @@ class Log:
         self.update_stats[self.run.n_updates % LOG_EVERY] = stats
         self.update_steps[self.run.n_updates % LOG_EVERY] = step
 
-    def updates_finite(self, step: int, epsilon: float) -> bool:
-        """Reads the last LOG_EVERY updates' stats (one host sync) and logs them; False if any is not finite."""
+    def read_updates(self, step: int, epsilon: float) -> Optional[int]:
+        """Reads the last LOG_EVERY updates' stats (one host sync) and logs them; returns the env step of the first
+        non-finite one, None if all are finite."""
         stats = self.update_stats.cpu().numpy()
         if not np.isfinite(stats).all():
-            self.bad_step = self.update_steps[int(np.flatnonzero(~np.isfinite(stats).all(axis=1))[0])]
-            return False
+            return self.update_steps[int(np.flatnonzero(~np.isfinite(stats).all(axis=1))[0])]
         self.writer.add_scalar("losses/td_loss", stats[:, 0].mean(), step)
         self.writer.add_scalar("losses/q_values", stats[:, 1].mean(), step)
         self.writer.add_scalar("charts/SPS", int(self.sps()), step)
         self.writer.add_scalar("charts/epsilon", epsilon, step)
-        return True
+        return None
 
     def evaluation(self, returns: np.ndarray, held_out: Optional[tuple[float, float]], seconds: float) -> None:
         step = self.run.global_step
@@ -856,60 +933,103 @@ class Log:
         save_checkpoint(os.path.join(self.files.run_dir, "summary.json"), summary,
                         dump=lambda obj, f: f.write(json.dumps(obj, indent=1).encode()))
 
-    def finish(self, rb: ReplayBuffer, signum: Optional[int]) -> None:
-        """The end of a run, completed or stopped by a signal: checkpoint, CleanRL's model file, summary."""
-        run, files = self.run, self.files
-        training_s = time.time() - self.start_time - self.eval_seconds
-        if self.is_tty:
-            print(file=sys.stderr)
-        save_checkpoint(files.checkpoint, files.checkpoint_state(run, rb))
-        if self.args.save_model:  # as CleanRL writes it: a bare q_network.state_dict(), which its dqn_eval loads
-            model_path = os.path.join(files.run_dir, f"{self.args.exp_name}.cleanrl_model")
-            save_checkpoint(model_path, run.q_network.state_dict())
-            print(f"model saved to {model_path}")
-        self.writer.close()
-        self.summary("completed" if signum is None else f"signal {signal.Signals(signum).name}", training_s)
-        print(f"finished {files.run_name}: {run.global_step} steps, {run.n_updates} gradient updates, "
-              f"{run.n_target_syncs} target syncs in {time.time() - self.start_time:.1f}s; best eval return "
-              f"{run.best_eval:.2f}")
-        if signum is not None:
-            print(f"stopped by signal {signum} at step {run.global_step}; resume with --resume {files.checkpoint}",
-                  file=sys.stderr)
-            raise SystemExit(128 + signum)
 
-
-def stop_non_finite(run: RunState, rb: ReplayBuffer, log: Log, last_finite: dict) -> NoReturn:
-    """A NaN or inf loss or Q-value: keep the last finite learner state in the checkpoint, say so, exit 1."""
-    checkpoint = log.files.checkpoint
-    save_checkpoint(checkpoint, {**log.files.checkpoint_state(run, rb), **last_finite})
-    log.writer.close()
-    log.summary(f"non-finite loss at step {log.bad_step}", time.time() - log.start_time - log.eval_seconds,
-                checkpoint_step=last_finite["global_step"])  # the checkpoint holds the last finite state
-    print(f"error: non-finite TD loss or Q-values at env step {log.bad_step}; the last good state (step "
-          f"{last_finite['global_step']}) is saved in {checkpoint}; lower --learning-rate or check the rewards",
-          file=sys.stderr)
-    raise SystemExit(1)
+def end_run(run: RunState, rb: ReplayBuffer, log: Log, reason: str) -> None:
+    """The one end of every run (completed, a signal, a non-finite loss, a crash): the final checkpoint, CleanRL's
+    model file, summary.json, the last lines. A non-finite learner is never written: the checkpoint then holds the
+    last finite state and the process exits 1; a signal exits 128 + its number; after a crash the caller re-raises."""
+    files, args = log.files, log.args
+    training_s = time.time() - log.start_time - log.eval_seconds
+    finite = run.finite()  # sync point
+    if log.is_tty:
+        print(file=sys.stderr)
+    state = files.checkpoint_state(run, rb)
+    if not finite and not reason.startswith("non-finite"):  # weights that went bad between two loss checks
+        reason = f"non-finite weights at step {run.global_step}"
+    if reason.startswith("non-finite"):  # roll the learner back to its last finite state
+        state.update(run.last_finite)
+    save_checkpoint(files.checkpoint, state)
+    # as CleanRL writes it: a bare q_network.state_dict(), which its dqn_eval loads
+    if args.save_model and not reason.startswith("non-finite"):
+        model_path = os.path.join(files.run_dir, f"{args.exp_name}.cleanrl_model")
+        save_checkpoint(model_path, run.q_network.state_dict())
+        print(f"model saved to {model_path}")
+    try:
+        log.writer.close()
+    except Exception as error:  # a broken event file must not cost the summary
+        print(f"warning: closing the TensorBoard writer failed ({type(error).__name__}: {error})", file=sys.stderr)
+    log.summary(reason, training_s, checkpoint_step=state["global_step"])
+    print(f"finished {files.run_name}: {run.global_step} steps, {run.n_updates} gradient updates, "
+          f"{run.n_target_syncs} target syncs in {time.time() - log.start_time:.1f}s; best eval return "
+          f"{run.best_eval:.2f}")
+    if reason.startswith("non-finite"):
+        print(f"error: {reason.replace('non-finite loss at', 'non-finite TD loss or Q-values at env')}; the last good "
+              f"state (step {state['global_step']}) is saved in {files.checkpoint}; lower --learning-rate or check "
+              "the rewards", file=sys.stderr)
+        raise SystemExit(1)
+    if reason.startswith("signal "):
+        signum = signal.Signals[reason.split()[1]]
+        print(f"stopped by signal {int(signum)} at step {run.global_step}; resume with --resume "
+              f"{files.checkpoint}", file=sys.stderr)
+        raise SystemExit(128 + signum)
+    if reason.startswith("error: "):
+        print(f"the state at step {run.global_step} is saved in {files.checkpoint}; resume with --resume "
+              f"{files.checkpoint}", file=sys.stderr)
 
 
 class StopOnSignal:
-    """SIGINT/SIGTERM end the training loop at the next step (the run then checkpoints and exits 128 + signal); a
-    second signal kills at once (checkpoint writes are atomic). True once a signal has arrived."""
+    """SIGINT and SIGTERM. Before arm() (the start: checks, replay allocation, building the envs) they end the process
+    at once, by their default action, since nothing is written yet and a long C++ call (ale-py building many envs)
+    would defer a Python handler. After arm() the first ends the training loop at its next step (the run then
+    checkpoints and exits 128 + signal) and a second kills at once wherever the process is: the kernel restores the
+    default action as it delivers the first (SA_RESETHAND), before Python's handler can run. An exception inside the
+    armed block ends the run through on_crash, then propagates. True once a signal has arrived."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __enter__(self) -> "StopOnSignal":
         self.signum: Optional[int] = None
-        self.previous = {s: signal.signal(s, self.request) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.on_crash: Optional[Callable[[Exception], None]] = None
+        self.previous = {s: signal.signal(s, signal.SIG_DFL) for s in self.SIGNALS}
         return self
+
+    def arm(self, on_crash: Callable[[Exception], None]) -> None:
+        self.on_crash = on_crash
+        for signum in self.SIGNALS:
+            signal.signal(signum, self.request)
+            reset_on_delivery(signum)
 
     def request(self, signum, frame) -> None:
         self.signum = signum
-        signal.signal(signum, signal.SIG_DFL)
+        for other in self.SIGNALS:  # where SA_RESETHAND is not available, and for the other signal
+            signal.signal(other, signal.SIG_DFL)
 
     def __bool__(self) -> bool:
         return self.signum is not None
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, traceback) -> None:
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
+        if isinstance(exc, Exception) and self.on_crash is not None:
+            self.on_crash(exc)  # checkpoint and summary.json first; the traceback follows
+
+
+class Sigaction(ctypes.Structure):
+    """struct sigaction of Linux's C libraries (glibc, musl): handler, a 1024-bit signal mask, flags, restorer."""
+
+    _fields_ = [("handler", ctypes.c_void_p), ("mask", ctypes.c_ulong * (128 // ctypes.sizeof(ctypes.c_ulong))),
+                ("flags", ctypes.c_int), ("restorer", ctypes.c_void_p)]
+
+
+def reset_on_delivery(signum: int) -> None:
+    """Adds SA_RESETHAND to the handler Python installed for signum (Linux only; elsewhere StopOnSignal.request
+    restores the default action, once Python gets to run it)."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc, action = ctypes.CDLL(None, use_errno=True), Sigaction()
+    if libc.sigaction(signum, None, ctypes.byref(action)) == 0:
+        action.flags |= 0x80000000  # SA_RESETHAND
+        libc.sigaction(signum, ctypes.byref(action), None)
 
 
 def play(args: Args, game: str, sticky: float, n_actions: int, device: torch.device) -> None:

@@ -12,9 +12,12 @@ arXiv:1712.00378); only a true termination cuts the return. The defaults are a c
 """
 
 import copy
+import ctypes
 import difflib
+import fcntl
 import glob
 import json
+import math
 import os
 import re
 import signal
@@ -298,6 +301,13 @@ class RunState:
         self.global_step, self.n_updates, self.n_target_syncs = 0, 0, 0
         self.best_eval, self.last_eval = -float("inf"), None
         self.eval_due = False  # an evaluation is owed at global_step (set after the step; a signal may cut it short)
+        self.last_finite: Optional[dict] = None  # a copy of the last learner state whose losses were all finite
+
+    def finite(self) -> bool:
+        """Whether both networks and the optimizer's moments hold only finite numbers (one sync point)."""
+        tensors = [*self.q_network.parameters(), *self.target_network.parameters(),
+                   *(v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v))]
+        return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
     def learner_state(self) -> dict:
         """The learner alone: what a non-finite loss rolls back to."""
@@ -324,32 +334,37 @@ class RunState:
 
 def main(args: Args) -> None:
     validate_args(args)
-    obs_dim, n_actions = check_env(args.env_id)
-    checkpoint = load_checkpoint(args.resume, args.env_id, n_actions) if args.resume else None
-    device = pick_device(args)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    if args.play:
-        return play(args, obs_dim, n_actions, device)
-    files = RunFiles(args, checkpoint)
+    with StopOnSignal() as stop:  # until stop.arm(), a signal ends the process at once: nothing is written before it
+        obs_dim, n_actions = check_env(args.env_id)
+        checkpoint = load_checkpoint(args.resume, args.env_id, n_actions) if args.resume else None
+        device = pick_device(args)
+        torch.manual_seed(args.seed)
+        torch.backends.cudnn.deterministic = args.torch_deterministic
+        if args.play:
+            return play(args, obs_dim, n_actions, device)
+        files = RunFiles(args, checkpoint)
 
-    # ALGO LOGIC: initialize agent here:
-    run = RunState(args, obs_dim, n_actions, device)
-    if checkpoint:
-        restore(run, checkpoint, args)
-    rb = ReplayBuffer(args.buffer_size, obs_dim, device)
-    if checkpoint:
-        rb.load_state_dict(checkpoint.get("replay_buffer"))
-    log = Log(args, files, run, resumed=checkpoint is not None)
-
-    with StopOnSignal() as stop:
+        # ALGO LOGIC: initialize agent here:
+        run = RunState(args, obs_dim, n_actions, device)
+        if checkpoint:
+            restore(run, checkpoint, args)
+        rb = ReplayBuffer(args.buffer_size, obs_dim, device)
+        if checkpoint:
+            rb.load_state_dict(checkpoint.get("replay_buffer"))
         envs = gym.vector.SyncVectorEnv([make_env(args.env_id, args.seed + run.global_step + i)
                                          for i in range(args.num_envs)])
+        files.create()  # the run folder, locked by this process until it ends
+        log = Log(args, files, run, resumed=checkpoint is not None)
+        # from here on a signal stops the loop cleanly, and a crash still leaves a checkpoint and summary.json
+        stop.arm(on_crash=lambda error: end_run(run, rb, log, f"error: {type(error).__name__}: {error}"))
+
         obs, _ = envs.reset(seed=args.seed + run.global_step)
         autoreset = np.zeros(args.num_envs, dtype=bool)  # True where the next step is NEXT_STEP's reset step
-        last_finite = copy.deepcopy(run.learner_state())  # the last learner state whose losses were all finite
+        run.last_finite = copy.deepcopy(run.learner_state())
         while not stop:
             if run.eval_due:  # the step that passed a multiple of eval_frequency, the last one, or an owed evaluation
+                if not run.finite():  # sync point: a non-finite network is neither evaluated nor saved
+                    end_run(run, rb, log, f"non-finite weights at step {run.global_step}")
                 started = time.time()
                 returns = evaluate(run.q_network, args.env_id, args.eval_episodes, args.eval_epsilon,
                                    args.seed + 1_000_000 + run.global_step, device,
@@ -394,9 +409,10 @@ def main(args: Args) -> None:
                     log.update(train_step(run.q_network, run.target_network, run.optimizer, data, args.gamma), step)
                     run.n_updates += 1
                     if run.n_updates % LOG_EVERY == 0:
-                        if not log.updates_finite(step, epsilon):  # sync point: once per LOG_EVERY updates
-                            stop_non_finite(run, rb, log, last_finite)
-                        last_finite = copy.deepcopy(run.learner_state())
+                        bad_step = log.read_updates(step, epsilon)  # sync point: once per LOG_EVERY updates
+                        if bad_step is not None:
+                            end_run(run, rb, log, f"non-finite loss at step {bad_step}")
+                        run.last_finite = copy.deepcopy(run.learner_state())
                 if step % args.target_network_frequency == 0:
                     update_target(run.target_network, run.q_network, args.tau)
                     run.n_target_syncs += 1
@@ -404,10 +420,13 @@ def main(args: Args) -> None:
             run.eval_due = (passed_multiple(args.eval_frequency, run.global_step, args.num_envs)
                             or run.global_step >= args.total_timesteps)  # evaluated at the top of the loop
             if passed_multiple(args.checkpoint_frequency, run.global_step, args.num_envs):
+                if not run.finite():  # sync point: a non-finite state is never written over a finite one
+                    end_run(run, rb, log, f"non-finite weights at step {run.global_step}")
                 save_checkpoint(files.checkpoint, files.checkpoint_state(run, rb))
             log.progress(epsilon)
         envs.close()
-    log.finish(rb, stop.signum)
+    end_run(run, rb, log, f"signal {signal.Signals(stop.signum).name}" if stop.signum is not None else
+            "completed" if log.goal_reached_step is None else "goal reached")
 
 
 # =====================================================================================================================
@@ -423,6 +442,11 @@ def fail(message: str) -> NoReturn:
 
 
 def validate_args(args: Args) -> None:
+    for name, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    if not 0 <= args.seed < 2**32:
+        fail(f"--seed must be in [0, 2^32), got {args.seed}")
     positive = ["total_timesteps", "num_envs", "buffer_size", "batch_size", "train_frequency", "eval_episodes"]
     positive += ["target_network_frequency"]
     for name in positive:
@@ -468,13 +492,37 @@ class RunFiles:
                          or f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}")
         self.run_dir = os.path.join("runs", self.run_name)
         self.checkpoint = os.path.join(self.run_dir, "checkpoint.pt")
-        if not checkpoint and os.path.exists(self.checkpoint):
-            fail(f"{self.run_dir} already holds a run; continue it with --resume {self.checkpoint} or pass another "
-                 "--run-name")
+        self.resuming, self.lock_path = checkpoint is not None, os.path.join(self.run_dir, "lock")
+        if os.path.exists(self.lock_path):  # early, writing nothing; create() takes the lock for real
+            with open(self.lock_path) as lock:
+                self.take(lock, fcntl.LOCK_SH)
+        self.check_new()
         check_writable(self.run_dir)
 
+    def take(self, lock, mode: int) -> None:
+        """flock(lock, mode) or fail, naming the process that holds the run folder (its pid is in the file)."""
+        try:
+            fcntl.flock(lock, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            fail(f"{self.run_dir} is in use by process {lock.read().strip() or '?'} (it holds {self.lock_path}); "
+                 "wait for it to end or pass another --run-name")
+
+    def check_new(self) -> None:
+        if not self.resuming and os.path.exists(self.checkpoint):
+            fail(f"{self.run_dir} already holds a run; continue it with --resume {self.checkpoint} or pass another "
+                 "--run-name")
+
     def create(self) -> None:
+        """Creates the folder and locks it for this process's life with flock, which the kernel releases when the
+        process ends however it ends: a second process fails, and a killed run can be resumed at once."""
         os.makedirs(self.run_dir, exist_ok=True)
+        self.lock = open(self.lock_path, "a+")  # kept open: closing it would release the lock
+        self.take(self.lock, fcntl.LOCK_EX)
+        self.check_new()  # a run of this name may have started, checkpointed and ended since the early check
+        self.lock.truncate(0)
+        self.lock.write(f"{os.getpid()}\n")
+        self.lock.flush()
         for stale in glob.glob(f"{self.checkpoint}.tmp*"):  # left by a process killed while writing a checkpoint
             os.remove(stale)
 
@@ -589,11 +637,10 @@ def write_video(path: str, frames: list[np.ndarray], fps: int = 30) -> None:
 class Log:
     """Where a run reports: TensorBoard (CleanRL's tags; synced to W&B with --track), the terminal (a progress line
     on a tty), the best model, and runs/{run_name}/summary.json, written for programs when the run ends however it
-    ends (completed, goal reached, a signal, a non-finite loss)."""
+    ends (completed, goal reached, a signal, a non-finite loss, a crash)."""
 
     def __init__(self, args: Args, files: RunFiles, run: RunState, resumed: bool):
         self.args, self.files, self.run = args, files, run
-        files.create()
         if args.track:
             import wandb
 
@@ -633,17 +680,17 @@ class Log:
         self.update_stats[self.run.n_updates % LOG_EVERY] = stats
         self.update_steps[self.run.n_updates % LOG_EVERY] = step
 
-    def updates_finite(self, step: int, epsilon: float) -> bool:
-        """Reads the last LOG_EVERY updates' stats (one host sync) and logs them; False if any is not finite."""
+    def read_updates(self, step: int, epsilon: float) -> Optional[int]:
+        """Reads the last LOG_EVERY updates' stats (one host sync) and logs them; returns the env step of the first
+        non-finite one, None if all are finite."""
         stats = self.update_stats.cpu().numpy()
         if not np.isfinite(stats).all():
-            self.bad_step = self.update_steps[int(np.flatnonzero(~np.isfinite(stats).all(axis=1))[0])]
-            return False
+            return self.update_steps[int(np.flatnonzero(~np.isfinite(stats).all(axis=1))[0])]
         self.writer.add_scalar("losses/td_loss", stats[:, 0].mean(), step)
         self.writer.add_scalar("losses/q_values", stats[:, 1].mean(), step)
         self.writer.add_scalar("charts/SPS", int(self.sps()), step)
         self.writer.add_scalar("charts/epsilon", epsilon, step)
-        return True
+        return None
 
     def evaluation(self, returns: np.ndarray, seconds: float) -> None:
         step = self.run.global_step
@@ -688,64 +735,103 @@ class Log:
         save_checkpoint(os.path.join(self.files.run_dir, "summary.json"), summary,
                         dump=lambda obj, f: f.write(json.dumps(obj, indent=1).encode()))
 
-    def finish(self, rb: ReplayBuffer, signum: Optional[int]) -> None:
-        """The end of a run (completed, goal reached, or stopped by a signal): checkpoint, CleanRL's model file,
-        summary."""
-        run, files = self.run, self.files
-        training_s = time.time() - self.start_time - self.eval_seconds
-        if self.is_tty:
-            print(file=sys.stderr)
-        save_checkpoint(files.checkpoint, files.checkpoint_state(run, rb))
-        if self.args.save_model:  # as CleanRL writes it: a bare q_network.state_dict(), which its dqn_eval loads
-            model_path = os.path.join(files.run_dir, f"{self.args.exp_name}.cleanrl_model")
-            save_checkpoint(model_path, run.q_network.state_dict())
-            print(f"model saved to {model_path}")
-        self.writer.close()
-        if signum is not None:
-            self.summary(f"signal {signal.Signals(signum).name}", training_s)
-        else:
-            self.summary("completed" if self.goal_reached_step is None else "goal reached", training_s)
-        print(f"finished {files.run_name}: {run.global_step} steps, {run.n_updates} gradient updates, "
-              f"{run.n_target_syncs} target syncs in {time.time() - self.start_time:.1f}s; best eval return "
-              f"{run.best_eval:.2f}")
-        if signum is not None:
-            print(f"stopped by signal {signum} at step {run.global_step}; resume with --resume {files.checkpoint}",
-                  file=sys.stderr)
-            raise SystemExit(128 + signum)
 
-
-def stop_non_finite(run: RunState, rb: ReplayBuffer, log: Log, last_finite: dict) -> NoReturn:
-    """A NaN or inf loss or Q-value: keep the last finite learner state in the checkpoint, say so, exit 1."""
-    checkpoint = log.files.checkpoint
-    save_checkpoint(checkpoint, {**log.files.checkpoint_state(run, rb), **last_finite})
-    log.writer.close()
-    log.summary(f"non-finite loss at step {log.bad_step}", time.time() - log.start_time - log.eval_seconds,
-                checkpoint_step=last_finite["global_step"])  # the checkpoint holds the last finite state
-    print(f"error: non-finite TD loss or Q-values at env step {log.bad_step}; the last good state (step "
-          f"{last_finite['global_step']}) is saved in {checkpoint}; lower --learning-rate or check the rewards",
-          file=sys.stderr)
-    raise SystemExit(1)
+def end_run(run: RunState, rb: ReplayBuffer, log: Log, reason: str) -> None:
+    """The one end of every run (completed, a signal, a non-finite loss, a crash): the final checkpoint, CleanRL's
+    model file, summary.json, the last lines. A non-finite learner is never written: the checkpoint then holds the
+    last finite state and the process exits 1; a signal exits 128 + its number; after a crash the caller re-raises."""
+    files, args = log.files, log.args
+    training_s = time.time() - log.start_time - log.eval_seconds
+    finite = run.finite()  # sync point
+    if log.is_tty:
+        print(file=sys.stderr)
+    state = files.checkpoint_state(run, rb)
+    if not finite and not reason.startswith("non-finite"):  # weights that went bad between two loss checks
+        reason = f"non-finite weights at step {run.global_step}"
+    if reason.startswith("non-finite"):  # roll the learner back to its last finite state
+        state.update(run.last_finite)
+    save_checkpoint(files.checkpoint, state)
+    # as CleanRL writes it: a bare q_network.state_dict(), which its dqn_eval loads
+    if args.save_model and not reason.startswith("non-finite"):
+        model_path = os.path.join(files.run_dir, f"{args.exp_name}.cleanrl_model")
+        save_checkpoint(model_path, run.q_network.state_dict())
+        print(f"model saved to {model_path}")
+    try:
+        log.writer.close()
+    except Exception as error:  # a broken event file must not cost the summary
+        print(f"warning: closing the TensorBoard writer failed ({type(error).__name__}: {error})", file=sys.stderr)
+    log.summary(reason, training_s, checkpoint_step=state["global_step"])
+    print(f"finished {files.run_name}: {run.global_step} steps, {run.n_updates} gradient updates, "
+          f"{run.n_target_syncs} target syncs in {time.time() - log.start_time:.1f}s; best eval return "
+          f"{run.best_eval:.2f}")
+    if reason.startswith("non-finite"):
+        print(f"error: {reason.replace('non-finite loss at', 'non-finite TD loss or Q-values at env')}; the last good "
+              f"state (step {state['global_step']}) is saved in {files.checkpoint}; lower --learning-rate or check "
+              "the rewards", file=sys.stderr)
+        raise SystemExit(1)
+    if reason.startswith("signal "):
+        signum = signal.Signals[reason.split()[1]]
+        print(f"stopped by signal {int(signum)} at step {run.global_step}; resume with --resume "
+              f"{files.checkpoint}", file=sys.stderr)
+        raise SystemExit(128 + signum)
+    if reason.startswith("error: "):
+        print(f"the state at step {run.global_step} is saved in {files.checkpoint}; resume with --resume "
+              f"{files.checkpoint}", file=sys.stderr)
 
 
 class StopOnSignal:
-    """SIGINT/SIGTERM end the training loop at the next step (the run then checkpoints and exits 128 + signal); a
-    second signal kills at once (checkpoint writes are atomic). True once a signal has arrived."""
+    """SIGINT and SIGTERM. Before arm() (the start: checks, replay allocation, building the envs) they end the process
+    at once, by their default action, since nothing is written yet and a long C++ call (ale-py building many envs)
+    would defer a Python handler. After arm() the first ends the training loop at its next step (the run then
+    checkpoints and exits 128 + signal) and a second kills at once wherever the process is: the kernel restores the
+    default action as it delivers the first (SA_RESETHAND), before Python's handler can run. An exception inside the
+    armed block ends the run through on_crash, then propagates. True once a signal has arrived."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __enter__(self) -> "StopOnSignal":
         self.signum: Optional[int] = None
-        self.previous = {s: signal.signal(s, self.request) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.on_crash: Optional[Callable[[Exception], None]] = None
+        self.previous = {s: signal.signal(s, signal.SIG_DFL) for s in self.SIGNALS}
         return self
+
+    def arm(self, on_crash: Callable[[Exception], None]) -> None:
+        self.on_crash = on_crash
+        for signum in self.SIGNALS:
+            signal.signal(signum, self.request)
+            reset_on_delivery(signum)
 
     def request(self, signum, frame) -> None:
         self.signum = signum
-        signal.signal(signum, signal.SIG_DFL)
+        for other in self.SIGNALS:  # where SA_RESETHAND is not available, and for the other signal
+            signal.signal(other, signal.SIG_DFL)
 
     def __bool__(self) -> bool:
         return self.signum is not None
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, traceback) -> None:
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
+        if isinstance(exc, Exception) and self.on_crash is not None:
+            self.on_crash(exc)  # checkpoint and summary.json first; the traceback follows
+
+
+class Sigaction(ctypes.Structure):
+    """struct sigaction of Linux's C libraries (glibc, musl): handler, a 1024-bit signal mask, flags, restorer."""
+
+    _fields_ = [("handler", ctypes.c_void_p), ("mask", ctypes.c_ulong * (128 // ctypes.sizeof(ctypes.c_ulong))),
+                ("flags", ctypes.c_int), ("restorer", ctypes.c_void_p)]
+
+
+def reset_on_delivery(signum: int) -> None:
+    """Adds SA_RESETHAND to the handler Python installed for signum (Linux only; elsewhere StopOnSignal.request
+    restores the default action, once Python gets to run it)."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc, action = ctypes.CDLL(None, use_errno=True), Sigaction()
+    if libc.sigaction(signum, None, ctypes.byref(action)) == 0:
+        action.flags |= 0x80000000  # SA_RESETHAND
+        libc.sigaction(signum, ctypes.byref(action), None)
 
 
 def play(args: Args, obs_dim: int, n_actions: int, device: torch.device) -> None:

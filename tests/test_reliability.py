@@ -5,14 +5,17 @@ determinism, and resumed runs keeping the schedules of uninterrupted ones."""
 import glob
 import os
 import signal
+import subprocess
+import sys
+import time
 
 import gymnasium as gym
 import pytest
 import torch
 import tyro
 
-from helpers import (SCRIPTS, checkpoint_step, finished_counts, load_script, read_scalars, read_summary, run_script,
-                     wait_until)
+from helpers import (ROOT, SCRIPTS, checkpoint_step, finished_counts, load_script, read_scalars, read_summary,
+                     run_script, wait_until)
 
 ATARI = ["dqn_atari", "dqn_atari_dueling_per"]
 # short runs: a few hundred env steps of warm-up, then a little training
@@ -96,6 +99,10 @@ COMMON_BAD = [
     (["--eval-frequency", "-1"], "--eval-frequency must be >= 0"),
     (["--checkpoint-frequency", "-1"], "--checkpoint-frequency must be >= 0"),
     (["--learning-rate", "0"], "--learning-rate must be positive"),
+    (["--learning-rate", "inf"], "--learning-rate must be a finite number, got inf"),
+    (["--gamma", "nan"], "--gamma must be a finite number, got nan"),
+    (["--seed", "-1"], "--seed must be in [0, 2^32)"),
+    (["--seed", str(2**32)], "--seed must be in [0, 2^32)"),
     (["--learning-starts", "100", "--total-timesteps", "100"], "--learning-starts (100) must be < --total-timesteps"),
     (["--exploration-fraction", "0"], "--exploration-fraction must be in (0, 1]"),
     (["--exploration-fraction", "1.5"], "--exploration-fraction must be in (0, 1]"),
@@ -133,6 +140,9 @@ SCRIPT_BAD = {
         (["--env-id", "CartPole-v1"], "not an Atari id this script supports"),
         (["--max-episode-frames", "0"], "--max-episode-frames must be positive"),
         (["--buffer-size", str(10**10)], "the largest buffer that fits is --buffer-size"),
+        (["--num-envs", "100000"], "the largest --num-envs that fits beside --eval-episodes 10 is"),
+        (["--eval-episodes", "100000"], "the largest --eval-episodes that fits is"),
+        (["--play", "missing.pt", "--eval-episodes", "100000"], "the largest --eval-episodes that fits is"),
     ],
 }
 SCRIPT_BAD["dqn_atari_dueling_per"] = SCRIPT_BAD["dqn_atari"] + [
@@ -203,6 +213,105 @@ def test_cuda_without_cuda_warns_and_falls_back_to_cpu(tmp_path):
     assert result.returncode == 0
     assert ("warning: --cuda is on (the default) but CUDA is not available; running on the CPU "
             "(--no-cuda silences this)") in result.stderr
+
+
+def test_two_processes_cannot_share_a_run_folder(script, tmp_path):
+    # the first holds the folder before it has written any checkpoint (there is none until it ends)
+    first = run_script(script, *FAST[script], "--checkpoint-frequency", 0, "--total-timesteps", 10**6,
+                       "--run-name", "one", cwd=tmp_path, wait=False)
+    lock = tmp_path / "runs/one/lock"
+    wait_until(lambda: lock.exists() and lock.read_text().strip() == str(first.pid), first)
+    second = run_script(script, *FAST[script], "--total-timesteps", 400, "--run-name", "one", cwd=tmp_path)
+    first.send_signal(signal.SIGTERM)
+    first.communicate(timeout=120)
+    assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr
+    assert f"error: runs/one is in use by process {first.pid}" in second.stderr
+    assert len(glob.glob(str(tmp_path / "runs/one/events.out.tfevents*"))) == 1  # the second wrote nothing there
+    assert first.returncode == 128 + signal.SIGTERM
+    assert read_summary(tmp_path / "runs/one")["stop_reason"] == "signal SIGTERM"
+
+
+def test_a_seed_at_the_top_of_its_range_trains_and_evaluates(script, tmp_path):
+    # ale-py takes reset seeds as int32 and seeds env i with seed + i: evaluation seeds (seed + 10^6 + step) must
+    # still be folded into its range
+    result = run_script(script, *FAST[script], "--total-timesteps", 400, "--seed", 2**32 - 1, "--run-name", "top",
+                        cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert read_summary(tmp_path / "runs/top")["final_eval_return"] is not None
+
+
+def test_a_crash_after_training_started_leaves_a_checkpoint_and_a_summary(script, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    dqn = load_script(script)
+
+    def broken_evaluate(*args, **kwargs):
+        raise RuntimeError("the evaluation env broke")
+
+    monkeypatch.setattr(dqn, "evaluate", broken_evaluate)
+    args = tyro.cli(dqn.Args, args=[str(f) for f in FAST[script]] + ["--total-timesteps", "400", "--run-name", "c",
+                                                                        "--checkpoint-frequency", "0", "--no-cuda"])
+    with pytest.raises(RuntimeError, match="the evaluation env broke"):
+        dqn.main(args)
+    state = torch.load(tmp_path / "runs/c/checkpoint.pt", weights_only=True)
+    assert state["global_step"] == 400 and state["n_updates"] > 0
+    summary = read_summary(tmp_path / "runs/c")
+    assert summary["stop_reason"] == "error: RuntimeError: the evaluation env broke"
+    assert summary["checkpoint_step"] == summary["env_steps"] == 400
+
+
+def test_non_finite_weights_are_never_written(script, tmp_path, monkeypatch, capsys):
+    # weights that go non-finite between two loss checks (here: a few updates, before the first check) must not reach
+    # checkpoint.pt, best_model.pt or the CleanRL model file
+    monkeypatch.chdir(tmp_path)
+    dqn = load_script(script)
+    monkeypatch.setattr(dqn, "make_optimizer", lambda q_network, args: torch.optim.SGD(q_network.parameters(),
+                                                                                         lr=float("inf")))
+    args = tyro.cli(dqn.Args, args=[str(f) for f in FAST[script]] + ["--total-timesteps", "260", "--run-name", "inf",
+                                                                        "--save-model", "--no-cuda"])
+    with pytest.raises(SystemExit) as exit_info:
+        dqn.main(args)
+    assert exit_info.value.code == 1
+    assert "error: non-finite weights at step 260; the last good state (step 0)" in capsys.readouterr().err
+    state = torch.load(tmp_path / "runs/inf/checkpoint.pt", weights_only=True)
+    assert state["global_step"] == 0 and all(torch.isfinite(t).all() for t in state["model"].values())
+    assert not (tmp_path / "runs/inf/best_model.pt").exists()
+    assert not glob.glob(str(tmp_path / "runs/inf/*.cleanrl_model"))
+    assert read_summary(tmp_path / "runs/inf")["stop_reason"] == "non-finite weights at step 260"
+
+
+def test_a_signal_while_the_envs_are_built_ends_the_process_at_once(tmp_path):
+    # building 96 ale-py envs takes many seconds in one C++ call, which would defer a Python signal handler
+    proc = run_script("dqn_atari", "--num-envs", 96, "--buffer-size", 2000, "--run-name", "b", "--no-cuda",
+                      cwd=tmp_path, wait=False, env={"PYTHONUNBUFFERED": "1"})
+    wait_until(lambda: "replay:" in (proc.stdout.readline() or ""), proc, timeout=120)  # next: building the envs
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    started = time.time()
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGTERM and time.time() - started < 2.0
+    assert not (tmp_path / "runs").exists()  # nothing left behind
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_second_signal_kills_at_once_inside_a_long_cpp_call(tmp_path, signum):
+    # armed as in training: the first signal's Python handler cannot run until ale-py returns; the second must kill
+    child = ("import importlib.util, sys\n"
+             f"spec = importlib.util.spec_from_file_location('m', {str(ROOT / 'dqn_atari.py')!r})\n"
+             "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+             "with m.StopOnSignal() as stop:\n"
+             "    stop.arm(on_crash=print)\n"
+             "    print('armed', flush=True)\n"
+             "    m.make_env('breakout', 96, 0.0, 108000, train=True)\n"
+             "    print('built', flush=True)\n")
+    proc = subprocess.Popen([sys.executable, "-c", child], cwd=tmp_path, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "armed"
+    time.sleep(0.5)
+    proc.send_signal(signum)
+    time.sleep(0.2)
+    proc.send_signal(signum)
+    started = time.time()
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == -signum and time.time() - started < 2.0 and "built" not in out
 
 
 # ---------------------------------------------------------------- checkpoints and faults

@@ -26,9 +26,11 @@ PLAN: dict[str, dict[str, tuple[int, ...]]] = {  # env id -> script -> seeds
     # the second game, chosen by a pilot (benchmarks/RESULTS.md section 10): dqn_atari.py seed 1 at 50k steps
     "SeaquestNoFrameskip-v4": {"dqn_atari.py": (1, 2), "dqn_atari_dueling_per.py": (1, 2)},
 }
-# the issue's side-by-side cell (Breakout seed 1), and Seaquest seeds 1 and 2: a peer on the game where dqn_atari.py
-# seed 2 ended below random (benchmarks/RESULTS.md section 10)
-SB3_CELLS = (("BreakoutNoFrameskip-v4", 1), ("SeaquestNoFrameskip-v4", 1), ("SeaquestNoFrameskip-v4", 2))
+# the issue's side-by-side cell (Breakout seed 1), Seaquest seeds 1 and 2 (a peer on the game where dqn_atari.py seed 2
+# ended below random), and Breakout seeds 2 and 3, so that the take-off comparison of issue #22 has 3 seeds a side
+# (benchmarks/RESULTS.md section 10)
+SB3_CELLS = (("BreakoutNoFrameskip-v4", 1), ("SeaquestNoFrameskip-v4", 1), ("SeaquestNoFrameskip-v4", 2),
+             ("BreakoutNoFrameskip-v4", 2), ("BreakoutNoFrameskip-v4", 3))
 BARS = {"BreakoutNoFrameskip-v4": 5.0}  # every seed must end at least this many times the random policy's return
 RANDOM = {"epsilon": 1.0, "episodes": 30, "seed": 12345}
 SB3_SETTINGS = dict(learning_rate=1e-4, buffer_size=100_000, learning_starts=20_000, batch_size=32, tau=1.0, gamma=0.99,
@@ -70,9 +72,9 @@ def steady_sps(points: list[tuple[int, float]]) -> float:
 
 
 def cell_record(paths: GridPaths, cell: Cell) -> dict[str, Any]:
-    """A finished cell as atari_short.json keeps it: its curve and SPS from its events, its time over all attempts,
-    commit and machine from the grid's state/{run_name}.json."""
-    scalars = read_scalars(paths.run_dir(cell), [EVAL_TAG, "losses/td_loss"])
+    """A finished cell as atari_short.json keeps it: its evaluation curve, training games (env step, score) and SPS
+    from its events, its time over all attempts, commit and machine from the grid's state/{run_name}.json."""
+    scalars = read_scalars(paths.run_dir(cell), [EVAL_TAG, "losses/td_loss", "charts/episodic_return"])
     evals, updates = scalars[EVAL_TAG], scalars["losses/td_loss"]
     state = read_json(paths.state(cell))
     return {"script": cell.script, "env_id": cell.env_id, "seed": cell.seed, "steps": evals[-1].step,
@@ -80,7 +82,7 @@ def cell_record(paths: GridPaths, cell: Cell) -> dict[str, Any]:
             "sps": steady_sps([(p.step, p.wall_time) for p in updates]),
             "wall_s": state.get("wall_s", state["ended"] - state["started"]),
             "commit": (state.get("git") or {}).get("commit"), "machine": describe_machine(state["machine"]),
-            "run_name": cell.run_name}
+            "run_name": cell.run_name, "games": [[p.step, p.value] for p in scalars["charts/episodic_return"]]}
 
 
 def sb3_record(env_id: str, seed: int) -> dict[str, Any]:
@@ -89,7 +91,7 @@ def sb3_record(env_id: str, seed: int) -> dict[str, Any]:
                          EVAL_EPSILON)
     return {"script": f"stable-baselines3 {r['version']} DQN", "env_id": env_id, "seed": seed,
             "steps": r["evals"][-1][0], "eval": r["evals"], "final_eval_return": r["evals"][-1][1],
-            "sps": r["training"]["sps"], "wall_s": r["wall_s"]}
+            "sps": r["training"]["sps"], "wall_s": r["wall_s"], "games": r["games"]}
 
 
 def table(data: dict[str, Any]) -> str:

@@ -287,7 +287,8 @@ def sb3_run(env_id: str, n_envs: int, seed: int, device: str, settings: dict[str
             eval_every: int = 0, eval_games: int = 10, eval_epsilon: float = 0.05) -> dict[str, Any]:
     """One SB3 DQN run (call in a fresh process): (env step, wall time) where our scripts would log losses/td_loss
     (every 100 updates after learning starts), SPS over them, replay bytes per transition, and every `eval_every` env
-    steps an evaluation of `eval_games` full games (its Monitor's unclipped scores) at epsilon `eval_epsilon`."""
+    steps an evaluation of `eval_games` full games (its Monitor's unclipped scores) at epsilon `eval_epsilon`, and the
+    (env step, score) of every training game, as our scripts log charts/episodic_return."""
     import stable_baselines3
     from stable_baselines3 import DQN
     from stable_baselines3.common.callbacks import BaseCallback
@@ -296,6 +297,7 @@ def sb3_run(env_id: str, n_envs: int, seed: int, device: str, settings: dict[str
     rng = np.random.default_rng(seed)
     points: list[tuple[int, float]] = []
     evals: list[list[float]] = []
+    games: list[list[float]] = []
 
     def evaluate(step: int) -> float:
         env, scores = sb3_env(env_id, 1, seed + 1_000_000 + step), []
@@ -313,6 +315,7 @@ def sb3_run(env_id: str, n_envs: int, seed: int, device: str, settings: dict[str
     class Callback(BaseCallback):
         def _on_step(self) -> bool:
             t = self.num_timesteps
+            games.extend([t, float(info["episode"]["r"])] for info in self.locals["infos"] if "episode" in info)
             if t > settings["learning_starts"] and (t - settings["learning_starts"]) % every == 0:
                 points.append((t, time.time()))
             if eval_every and t % eval_every == 0:
@@ -330,7 +333,7 @@ def sb3_run(env_id: str, n_envs: int, seed: int, device: str, settings: dict[str
     model.get_env().close()
     return {"version": stable_baselines3.__version__, "device": str(model.device), "torch_threads":
             torch.get_num_threads(), "settings": settings, "wall_s": wall_s, "points": points,
-            "training": sps_from_points(points), "evals": evals,
+            "training": sps_from_points(points), "evals": evals, "games": games,
             "replay": {"capacity": rb.buffer_size, "bytes": total, "bytes_per_transition": total / rb.buffer_size,
                        "arrays": {k: [list(v.shape), str(v.dtype), v.nbytes] for k, v in arrays.items()}}}
 

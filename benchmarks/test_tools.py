@@ -416,8 +416,9 @@ def test_atari_short_skips_recorded_cells_reports_and_refuses_another_protocol(t
     assert "to run: nothing" in capsys.readouterr().out
     empty = tmp_path / "empty.json"  # --only: one implementation's missing cells
     assert atari_short.main(atari_short.Args(dry_run=True, out=empty, only="sb3")) == 0
-    assert capsys.readouterr().out.strip() == ("to run: SB3 BreakoutNoFrameskip-v4 seed 1, SB3 SeaquestNoFrameskip-v4 "
-                                               "seed 1, SB3 SeaquestNoFrameskip-v4 seed 2")
+    sb3_cells = ", ".join(f"SB3 {env_id} seed {seed}" for env_id, seed in atari_short.SB3_CELLS)
+    assert capsys.readouterr().out.strip() == "to run: " + sb3_cells
+    assert ("BreakoutNoFrameskip-v4", 3) in atari_short.SB3_CELLS  # issue #22: three SB3 Breakout seeds
     assert atari_short.main(atari_short.Args(dry_run=True, out=empty, only="dqn_atari_dueling_per.py")) == 0
     assert capsys.readouterr().out.count("__dqn_atari_dueling_per__") == 4
     assert atari_short.main(atari_short.Args(record_only=True, out=out)) == 0  # nothing to record: table and plot

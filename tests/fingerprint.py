@@ -17,6 +17,7 @@ Recording replaces this machine's record in the file and keeps the others.
 """
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import ROOT, read_scalars, run_script  # noqa: E402
+from helpers import ROOT, read_scalars, run_main, run_script  # noqa: E402
 
 ATARI = ["--num-envs", 2, "--buffer-size", 2000, "--learning-starts", 400, "--train-frequency", 4, "--batch-size", 16,
          "--target-network-frequency", 200, "--eval-frequency", 600, "--eval-episodes", 1, "--max-episode-frames",
@@ -64,13 +65,13 @@ def weights_sha256(state_dict: dict) -> str:
 
 
 def collect(script: str, workdir: Path, root: Path = ROOT) -> dict:
+    """The scripts of this checkout run in this process (as the test does), another checkout's in subprocesses."""
+    run = run_main if root == ROOT else functools.partial(run_script, root=root)
     flags, first, total = RUNS[script]
-    part1 = run_script(script, *flags, "--seed", 1, "--total-timesteps", first, "--run-name", "fp", cwd=workdir,
-                       root=root)
+    part1 = run(script, *flags, "--seed", 1, "--total-timesteps", first, "--run-name", "fp", cwd=workdir)
     assert part1.returncode == 0, part1.stderr
     checkpoint = workdir / "runs" / "fp" / "checkpoint.pt"
-    part2 = run_script(script, *flags, "--seed", 1, "--total-timesteps", total, "--resume", checkpoint, cwd=workdir,
-                       root=root)
+    part2 = run(script, *flags, "--seed", 1, "--total-timesteps", total, "--resume", checkpoint, cwd=workdir)
     assert part2.returncode == 0, part2.stderr
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     return {"counts": {k: state[k] for k in ("global_step", "n_updates", "n_target_syncs")},

@@ -1,7 +1,9 @@
 """Shared test helpers: import a script as a module, run it as a subprocess, read its TensorBoard scalars."""
 
+import contextlib
 import functools
 import importlib.util
+import io
 import json
 import os
 import subprocess
@@ -31,6 +33,27 @@ def run_script(name: str, *args, cwd, timeout: float = 600, env: dict | None = N
     if not wait:
         return subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=stderr, text=True)
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_main(name: str, *args, cwd) -> subprocess.CompletedProcess:
+    """Runs {name}.main() on the parsed flags inside this process, from cwd, with stdout and stderr captured; returns
+    what run_script would (the exit code from SystemExit). It saves the interpreter start-up and the imports of torch,
+    ale-py and TensorBoard, a few seconds a run; tests of the process itself (signals, kills, tracebacks, a terminal,
+    environment variables) use run_script."""
+    import tyro
+
+    module, out, err, code = load_script(name), io.StringIO(), io.StringIO(), 0
+    previous = os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                module.main(tyro.cli(module.Args, args=[str(a) for a in args]))
+            except SystemExit as exit_:
+                code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+    finally:
+        os.chdir(previous)
+    return subprocess.CompletedProcess([name, *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
 def read_summary(run_dir) -> dict:

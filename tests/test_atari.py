@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import finished_counts, load_script, read_scalars, read_summary, run_script
+from helpers import finished_counts, load_script, read_scalars, read_summary, run_main, run_script
 
 ATARI = ["dqn_atari", "dqn_atari_dueling_per"]
 
@@ -360,9 +360,23 @@ SMOKE = ["--learning-starts", 400, "--total-timesteps", 1200, "--buffer-size", 8
          "--max-episode-frames", 2000, "--eval-frequency", 0, "--exploration-fraction", 1.0]
 
 
-def test_smoke_run_updates_and_syncs(script, tmp_path):
-    result = run_script(script, *SMOKE, "--run-name", "smoke", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """The SMOKE run of each Atari script, done once and read by the tests below: {script: its folder}."""
+    done = {}
+
+    def run(script):
+        if script not in done:
+            cwd = tmp_path_factory.mktemp(script)
+            result = run_main(script, *SMOKE, "--run-name", "smoke", cwd=cwd)
+            assert result.returncode == 0, result.stderr
+            done[script] = cwd
+        return done[script]
+    return run
+
+
+def test_smoke_run_updates_and_syncs(script, smoke):
+    tmp_path = smoke(script)
     assert finished_counts(tmp_path / "runs/smoke") == {"steps": 1200, "updates": 200, "target_syncs": 4}
     run_dir = tmp_path / "runs/smoke"
     assert len(read_scalars(run_dir, "losses/td_loss")) == 2
@@ -380,10 +394,24 @@ def test_smoke_run_updates_and_syncs(script, tmp_path):
         assert beta == sorted(beta) and 0.4 < beta[0] < beta[-1] < 1
 
 
+def test_same_seed_same_returns_another_seed_others(script, smoke, tmp_path):
+    # CPU determinism of the whole run, the learner included: the smoke run again gives the same games
+    again = run_main(script, *SMOKE, "--run-name", "again", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    returns = read_scalars(smoke(script) / "runs/smoke", "charts/episodic_return")
+    assert len(returns) >= 3 and read_scalars(tmp_path / "runs/again", "charts/episodic_return") == returns
+    assert finished_counts(tmp_path / "runs/again")["updates"] == 200
+    # another seed plays other games from the start (its first 600 steps suffice to tell)
+    other = run_main(script, *SMOKE, "--total-timesteps", 600, "--seed", 2, "--run-name", "other", cwd=tmp_path)
+    assert other.returncode == 0, other.stderr
+    other_returns = read_scalars(tmp_path / "runs/other", "charts/episodic_return")
+    assert other_returns and other_returns != [(step, r) for step, r in returns if step <= 600]
+
+
 @pytest.mark.parametrize("save_model", [False, True])
 def test_cleanrl_smoke_flags(script, tmp_path, save_model):
     flags = ["--learning-starts", 10, "--total-timesteps", 16, "--buffer-size", 10, "--batch-size", 4]
-    result = run_script(script, *flags, *(["--save-model"] if save_model else []), "--run-name", "tiny",
+    result = run_main(script, *flags, *(["--save-model"] if save_model else []), "--run-name", "tiny",
                         "--eval-episodes", 1, "--max-episode-frames", 400, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert finished_counts(tmp_path / "runs/tiny")["updates"] == 2
@@ -392,10 +420,10 @@ def test_cleanrl_smoke_flags(script, tmp_path, save_model):
 
 def test_play_mode_records_the_evaluated_game_as_video(script, tmp_path):
     flags = ["--learning-starts", 10, "--total-timesteps", 16, "--buffer-size", 10, "--batch-size", 4]
-    trained = run_script(script, *flags, "--save-model", "--run-name", "v", "--eval-episodes", 1,
+    trained = run_main(script, *flags, "--save-model", "--run-name", "v", "--eval-episodes", 1,
                          "--max-episode-frames", 400, cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr
-    played = run_script(script, "--play", tmp_path / f"runs/v/{script}.cleanrl_model", "--eval-episodes", 2,
+    played = run_main(script, "--play", tmp_path / f"runs/v/{script}.cleanrl_model", "--eval-episodes", 2,
                         "--eval-epsilon", 0.5, "--max-episode-frames", 2000, "--capture-video", cwd=tmp_path)
     assert played.returncode == 0, played.stderr
     assert "2 episodes of" in played.stdout and re.search(r"mean length [\d,]+ frames", played.stdout)

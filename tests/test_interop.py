@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from helpers import load_script, run_script
+from helpers import load_script, run_main
 
 
 class CleanRLAtariQNetwork(nn.Module):
@@ -47,7 +47,7 @@ TINY = {"dqn_cartpole": ["--learning-starts", 100, "--total-timesteps", 300, "--
 
 @pytest.mark.parametrize("script", list(TINY))
 def test_save_model_writes_a_bare_state_dict_that_cleanrls_network_loads(script, tmp_path):
-    result = run_script(script, *TINY[script], "--save-model", "--run-name", "m", cwd=tmp_path)
+    result = run_main(script, *TINY[script], "--save-model", "--run-name", "m", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     saved = torch.load(tmp_path / f"runs/m/{script}.cleanrl_model")  # as cleanrl_utils/evals/dqn_eval.py loads it
     assert all(isinstance(v, torch.Tensor) for v in saved.values())
@@ -127,7 +127,7 @@ def test_play_refuses_a_state_dict_of_another_network_in_one_line(tmp_path, monk
 
 def test_a_cleanrl_model_plays_end_to_end(tmp_path):
     torch.save(CleanRLAtariQNetwork(4).state_dict(), tmp_path / "q_network.pth")
-    played = run_script("dqn_atari", "--play", tmp_path / "q_network.pth", "--eval-episodes", 2, "--eval-epsilon",
+    played = run_main("dqn_atari", "--play", tmp_path / "q_network.pth", "--eval-episodes", 2, "--eval-epsilon",
                         0.5, "--max-episode-frames", 800, "--no-cuda", cwd=tmp_path)
     assert played.returncode == 0, played.stderr
     assert "2 episodes of" in played.stdout and "mean return" in played.stdout

@@ -426,7 +426,7 @@ def main(args: Args) -> None:
             log.progress(epsilon)
         envs.close()
     end_run(run, rb, log, f"signal {signal.Signals(stop.signum).name}" if stop.signum is not None else
-            "completed" if log.goal_reached_step is None else "goal reached")
+            "completed" if log.goal_reached_step is None else "goal reached", stop.signum)
 
 
 # =====================================================================================================================
@@ -736,7 +736,7 @@ class Log:
                         dump=lambda obj, f: f.write(json.dumps(obj, indent=1).encode()))
 
 
-def end_run(run: RunState, rb: ReplayBuffer, log: Log, reason: str) -> None:
+def end_run(run: RunState, rb: ReplayBuffer, log: Log, reason: str, signum: Optional[int] = None) -> None:
     """The one end of every run (completed, a signal, a non-finite loss, a crash): the final checkpoint, CleanRL's
     model file, summary.json, the last lines. A non-finite learner is never written: the checkpoint then holds the
     last finite state and the process exits 1; a signal exits 128 + its number; after a crash the caller re-raises."""
@@ -769,8 +769,7 @@ def end_run(run: RunState, rb: ReplayBuffer, log: Log, reason: str) -> None:
               f"state (step {state['global_step']}) is saved in {files.checkpoint}; lower --learning-rate or check "
               "the rewards", file=sys.stderr)
         raise SystemExit(1)
-    if reason.startswith("signal "):
-        signum = signal.Signals[reason.split()[1]]
+    if signum is not None:
         print(f"stopped by signal {int(signum)} at step {run.global_step}; resume with --resume "
               f"{files.checkpoint}", file=sys.stderr)
         raise SystemExit(128 + signum)

@@ -171,12 +171,15 @@ class Games:
     Adventure, end at their first termination). A game over that this rule cannot tell from a life loss (lives down
     but above 0 on the step a game ends) is caught at its reset step, where the frame counter goes back. ale-py
     presses FIRE only at reset; CleanRL's FireResetEnv serves after every lost life too, so the step after a life
-    loss plays FIRE in games whose action set has it.
+    loss plays a serve: FIRE in games whose action set has it, else NOOP (CleanRL's EpisodicLifeEnv steps NOOP when
+    it hides a life loss inside a reset). As the peers' resets do, the serve's obs starts the new life: its step is
+    not a transition, and the stacks that follow restart from its frame, zero-padded as ale-py pads a new game's.
     """
 
     def __init__(self, envs: AtariVectorEnv, infos: dict, max_frames: int):
         action_set = list(envs.ale.get_action_set())
-        self.fire = action_set.index(ale_py.Action.FIRE) if ale_py.Action.FIRE in action_set else None
+        serve = ale_py.Action.FIRE if ale_py.Action.FIRE in action_set else ale_py.Action.NOOP
+        self.serve_action = action_set.index(serve)
         self.max_frames = max_frames
         self.lives = infos["lives"].copy()
         self.frames = infos["episode_frame_number"].copy()
@@ -187,15 +190,24 @@ class Games:
         self.ended = np.zeros(len(self.lives), dtype=bool)  # a game's score is complete: game over or missed
         self.length = np.zeros(len(self.lives), dtype=np.int64)  # frames played in the game, counted as the cap is
         self.serve = np.zeros(len(self.lives), dtype=bool)  # the next step is the first after a life loss
+        self.starts = np.ones(len(self.lives), dtype=bool)  # the last step's obs starts a game or a life
+        self.age = np.zeros(len(self.lives), dtype=np.int64)  # steps since that start, up to STACK - 1
 
     def act(self, actions: np.ndarray) -> np.ndarray:
-        """The actions to execute: FIRE where a life was just lost, the agent's elsewhere."""
-        return actions if self.fire is None else np.where(self.serve, self.fire, actions)
+        """The actions to execute: the serve where a life was just lost, the agent's elsewhere."""
+        return np.where(self.serve, self.serve_action, actions)
+
+    def stack(self, obs: np.ndarray) -> np.ndarray:
+        """The obs to act on, (N, 4, 84, 84): the env's stack with the frames from before its game's or life's start
+        zeroed (a no-op except within STACK - 1 steps of a serve), the stack the replay rebuilds for that step."""
+        keep = np.arange(STACK) >= STACK - 1 - self.age[:, None]  # (N, 4)
+        return obs * keep[:, :, None, None]
 
     def step(self, terminations: np.ndarray, truncations: np.ndarray, infos: dict) -> np.ndarray:
         """Takes a step's flags; returns where a game ended on it (its env's next step is the reset step). Then
         `reset_step` marks the reset steps, `missed` those that ended a game the last step did not report, `ended`
-        where a game's score is complete (a game over now, or a missed one), and `length` that game's frames."""
+        where a game's score is complete (a game over now, or a missed one), `length` that game's frames, and `starts`
+        the steps whose obs starts a game (a reset step) or a life (the serve): not transitions."""
         lives, frames = infos["lives"], infos["episode_frame_number"]
         self.reset_step = self.reset_next | (frames < self.frames)  # reset() restarts the frame counter
         self.missed = self.reset_step & ~self.reset_next
@@ -204,6 +216,8 @@ class Games:
         capped = frames - self.start >= self.max_frames
         life_lost = (lives < self.lives) & (lives > 0) & ~capped
         game_over = ~self.reset_step & (truncations | (terminations & ~life_lost) | capped)
+        self.starts = self.reset_step | self.serve  # self.serve: this step was the serve
+        self.age = np.where(self.starts, 0, np.minimum(self.age + 1, STACK - 1))
         self.serve = ~self.reset_step & life_lost
         self.lives, self.frames, self.reset_next = lives.copy(), frames.copy(), game_over
         self.ended = game_over | self.missed
@@ -353,9 +367,9 @@ class ReplayBuffer:
     """Frame-deduplicated replay: each env's stream stores every 84x84 frame once, stacks are rebuilt when sampling.
 
     Slot (env, p) holds the newest frame of the obs the env returned at one step and the float32 row of that step,
-    columns ACTION, REWARD, DONE, FIRST; FIRST marks the first frame of a game (a reset step: it is not a transition).
-    The transition in slot p goes from the stack ending at p-1 to the stack ending at p; a frame older than a FIRST
-    within the window belongs to the previous game and is zeroed, exactly as the env pads at reset.
+    columns ACTION, REWARD, DONE, FIRST; FIRST marks the first frame of a game or a life (a reset step, a serve): not
+    a transition. The transition in slot p goes from the stack ending at p-1 to the stack ending at p; a frame older
+    than a FIRST within the window belongs to the previous game or life and is zeroed, as the env pads at reset.
     Memory: 84*84 + 4*4 = 7072 bytes per transition, 7.07 GB at 1M (stacked obs and next obs would take 56 KB), plus
     the sum and min trees: 2 * 2 * 8 bytes per leaf, leaves rounded up to a power of two (34 MB at 1M).
     Sampling is proportional to priority; a slot that is not a transition (a game's first frame, or one of the 4 oldest
@@ -502,6 +516,7 @@ def evaluate(q_network: nn.Module, game: str, sticky: float, max_frames: int, ep
             video_in_sync &= bool(video_rewards[0] == rewards[0])
         returns += rewards * ~finished  # an env that already finished has autoreset: ignore its new game
         games.step(terminations, truncations, infos)
+        obs = games.stack(obs)  # a new life's stack restarts from the serve's frame, as in training
         ended = games.ended & ~finished
         lengths[ended] = games.length[ended]
         finished |= ended
@@ -639,7 +654,7 @@ def main(args: Args) -> None:
                 with torch.inference_mode():
                     q_values = run.q_network(torch.from_numpy(obs).to(device))
                 actions = np.where(explore, actions, q_values.argmax(dim=1).cpu().numpy())  # sync point: host actions
-            actions = games.act(actions)  # FIRE after a life loss; the replay stores the action executed
+            actions = games.act(actions)  # the serve after a life loss (FIRE or NOOP): a new life's first step
 
             # TRY NOT TO MODIFY: the envs step in ale-py's threads while the learner trains below; recv() waits
             envs.send(actions)
@@ -668,12 +683,13 @@ def main(args: Args) -> None:
 
             next_obs, rewards, terminations, truncations, infos = envs.recv()
             games.step(terminations, truncations, infos)  # terminated alone may be a life loss
-            # a reset step (action ignored, reward 0, obs = the new game's first) is not a transition
-            is_transition = ~games.reset_step
-            log.games(rewards, is_transition, games.ended)  # a missed game over ends its game at its reset step
-            # done = termination or life loss; a truncation bootstraps from its real final frame, stored in this slot
-            rb.add(next_obs[:, -1], actions, rewards, terminations, firsts=~is_transition)
-            obs = next_obs
+            # a game's score counts every step but its reset step (action ignored, reward 0, obs = the new game's
+            # first); a missed game over ends its game at its reset step
+            log.games(rewards, ~games.reset_step, games.ended)
+            # a game's or a life's first obs (the reset step, the serve) is not a transition: its slot starts the
+            # stacks after it. done = termination or life loss; a truncation bootstraps from its real final frame
+            rb.add(next_obs[:, -1], actions, rewards, terminations, firsts=games.starts)
+            obs = games.stack(next_obs)  # the stack the replay rebuilds: restarted at the serve after a lost life
 
             run.eval_due = (passed_multiple(args.eval_frequency, run.global_step, args.num_envs)
                             or run.global_step >= args.total_timesteps)  # evaluated at the top of the loop
@@ -969,10 +985,10 @@ class Log:
     def sps(self) -> float:
         return (self.run.global_step - self.start_step) / max(time.time() - self.start_time, 1e-9)
 
-    def games(self, rewards: np.ndarray, is_transition: np.ndarray, ended: np.ndarray) -> None:
+    def games(self, rewards: np.ndarray, in_game: np.ndarray, ended: np.ndarray) -> None:
         """Adds a step's rewards to each env's game; logs the full, unclipped score of each game that ended."""
-        self.episode_returns[is_transition] += rewards[is_transition]
-        self.episode_lengths[is_transition] += 1
+        self.episode_returns[in_game] += rewards[in_game]
+        self.episode_lengths[in_game] += 1
         for i in np.flatnonzero(ended):
             self.recent_returns = (self.recent_returns + [float(self.episode_returns[i])])[-10:]
             self.writer.add_scalar("charts/episodic_return", self.episode_returns[i], self.run.global_step)

@@ -1,12 +1,15 @@
 """What dqn_atari.py and dqn_atari_dueling_per.py share: env-id mapping, the frame-deduplicated replay (stacks equal to
-the env's, bit for bit), life-loss / reset-step / truncation handling, memory, smoke runs and TD targets."""
+those the agent acted on, bit for bit), life-loss / serve / reset-step / truncation handling, memory, smoke runs and TD
+targets."""
 
 import re
+from typing import Optional
 
 import cv2
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from helpers import finished_counts, load_script, read_scalars, read_summary, run_main, run_script
 
@@ -98,12 +101,16 @@ class Recorder:
         return out
 
 
-def record_main(dqn, tmp_path, monkeypatch, noop: bool = False, **overrides):
+acted_on: list[np.ndarray] = []  # the obs a record_main policy acted on in training, one (N, 4, 84, 84) per step
+
+
+def record_main(dqn, tmp_path, monkeypatch, action: Optional[int] = None, **overrides):
     """Runs the script's own main() on Breakout (unless overridden), recording what the training env returned and
-    keeping the script's replay buffer. noop=True: a network whose Q-values are all equal (argmax: action 0, NOOP)
-    and no exploration, i.e. a policy that never presses FIRE itself."""
+    keeping the script's replay buffer. action=k: a network whose greedy action is always k and no exploration (k=0,
+    NOOP: a policy that never presses FIRE itself); the obs it acted on in training are then kept in `acted_on`."""
     monkeypatch.chdir(tmp_path)
     recorders, buffers = [], []
+    acted_on.clear()
     make_env = dqn.make_env
 
     def recording_make_env(*args, **kwargs):
@@ -118,17 +125,21 @@ def record_main(dqn, tmp_path, monkeypatch, noop: bool = False, **overrides):
             super().__init__(*args, **kwargs)
             buffers.append(self)
 
-    class NoopQNetwork(dqn.QNetwork):
+    class ConstantPolicy(dqn.QNetwork):
         def forward(self, x):
-            return super().forward(x) * 0
+            if len(x) == args.num_envs:  # acting in training (evaluation, updates and held-out use other sizes)
+                acted_on.append(x.cpu().numpy().copy())
+            q_values = super().forward(x)
+            return q_values * 0 + F.one_hot(torch.tensor(action), q_values.shape[1])
 
     monkeypatch.setattr(dqn, "make_env", recording_make_env)
     monkeypatch.setattr(dqn, "ReplayBuffer", KeptBuffer)
-    if noop:
-        monkeypatch.setattr(dqn, "QNetwork", NoopQNetwork)
+    if action is not None:
+        monkeypatch.setattr(dqn, "QNetwork", ConstantPolicy)
         overrides = {"start_e": 0.0, "end_e": 0.0, "eval_epsilon": 0.0, **overrides}
     args = dqn.Args(**{**dict(env_id="BreakoutNoFrameskip-v4", eval_episodes=1, run_name="rec", cuda=False,
                               checkpoint_frequency=0), **overrides})
+    assert args.num_envs not in (args.eval_episodes, args.batch_size, dqn.HELD_OUT)  # so acted_on is training's
     dqn.main(args)
     return recorders[-1].log, buffers[-1], tmp_path / "runs" / args.run_name
 
@@ -152,6 +163,23 @@ def game_overs(log) -> np.ndarray:
     return reset_steps(log)[1:]
 
 
+def serves(log) -> np.ndarray:
+    """(steps, envs): the serves, i.e. the steps right after a lost life (a termination that did not end the game)."""
+    over = game_overs(log)
+    return np.array([np.zeros(len(log[0]["obs"]), dtype=bool)] + [
+        log[w - 1]["term"] & ~over[w - 1] if w > 1 else np.zeros_like(over[0]) for w in range(1, len(log))])
+
+
+def acting_stack(log, serve: np.ndarray, w: int, env: int) -> np.ndarray:
+    """The stack an agent acts on after step w (serve: serves(log)): the env's, with frames from before the last
+    serve zeroed (a new life starts its stack as a new game does, [0, 0, 0, f0])."""
+    stack = log[w]["obs"][env].copy()
+    since = next((j for j in range(4) if w - j >= 0 and serve[w - j, env]), None)  # steps since a serve in the stack
+    if since is not None:
+        stack[:3 - since] = 0
+    return stack
+
+
 def expected_transitions(log, rb):
     """For every slot the buffer holds, what the env says it should contain: (env, slot) -> step index w, for
     slots that are transitions (not the first frame of a game, not too old to have the frames of their obs)."""
@@ -161,9 +189,10 @@ def expected_transitions(log, rb):
     # a slot younger than the 4 oldest has every frame of its 4-stack obs (or its game started inside the buffer)
     lowest = 1 if rb.count < rb.per_env else writes - rb.count + 4
     valid = {}
+    serve = serves(log)
     for w in range(lowest, writes):
         for env in range(rb.num_envs):
-            if not reset[w][env]:  # the step after a game over is the reset step: not a transition
+            if not reset[w][env] and not serve[w][env]:  # a game's or a life's first step is not a transition
                 valid[(env, w % rb.per_env)] = w
     return valid
 
@@ -175,11 +204,12 @@ def check_stacks(log, rb) -> dict:
     batch = rb.gather(torch.tensor([env * rb.per_env + pos for env, pos in valid], device=rb.storage))
     batch = type(batch)(*(t.cpu() for t in batch))
     over = game_overs(log)
-    kinds = {"life_loss": 0, "game_over": 0, "truncated": 0, "after_reset": 0, "capped_life_loss": 0}
+    serve = serves(log)
+    kinds = {"life_loss": 0, "game_over": 0, "truncated": 0, "after_reset": 0, "new_life": 0, "capped_life_loss": 0}
     for i, (env, pos) in enumerate(valid):
         w = valid[(env, pos)]
-        assert np.array_equal(batch.observations[i].numpy(), log[w - 1]["obs"][env]), (env, w)
-        assert np.array_equal(batch.next_observations[i].numpy(), log[w]["obs"][env]), (env, w)
+        assert np.array_equal(batch.observations[i].numpy(), acting_stack(log, serve, w - 1, env)), (env, w)
+        assert np.array_equal(batch.next_observations[i].numpy(), acting_stack(log, serve, w, env)), (env, w)
         assert batch.actions[i] == log[w]["actions"][env]
         assert batch.rewards[i] == log[w]["rewards"][env]
         assert batch.dones[i] == log[w]["term"][env]  # a life loss is terminal, a truncation is not
@@ -188,11 +218,13 @@ def check_stacks(log, rb) -> dict:
         kinds["game_over"] += bool(log[w]["term"][env] and ended)
         kinds["truncated"] += bool(log[w]["trunc"][env])
         kinds["after_reset"] += bool(log[w - 1]["obs"][env][0].max() == 0)  # obs padded with zeros
+        # a new life's obs: the env's stack, restarted at the serve
+        kinds["new_life"] += not np.array_equal(acting_stack(log, serve, w - 1, env), log[w - 1]["obs"][env])
         kinds["capped_life_loss"] += bool(ended and log[w]["term"][env] and log[w]["lives"][env] > 0)
     return kinds
 
 
-def test_sampled_stacks_equal_the_envs_bit_for_bit(recorded_run):
+def test_sampled_stacks_equal_the_acting_stacks_bit_for_bit(recorded_run):
     log, rb, _ = recorded_run
     kinds = check_stacks(log, rb)
     assert min(v for k, v in kinds.items() if k != "capped_life_loss") > 0, kinds  # every kind of boundary checked
@@ -232,13 +264,14 @@ def test_logged_return_is_the_full_unclipped_game_score(recorded_run):
 
 
 # ---------------------------------------------------------------- life loss: the serve and the end of a game
-BREAKOUT_FIRE, NOOP = 1, 0
+BREAKOUT_FIRE, NOOP, MSPACMAN_RIGHT = 1, 0, 2
 
 
 def test_noop_policy_is_served_after_every_lost_life_and_loses_its_games(dqn, tmp_path, monkeypatch):
-    log, rb, run_dir = record_main(dqn, tmp_path, monkeypatch, noop=True, num_envs=2, total_timesteps=700,
+    log, rb, run_dir = record_main(dqn, tmp_path, monkeypatch, action=NOOP, num_envs=2, total_timesteps=700,
                                    buffer_size=4000, learning_starts=690, train_frequency=50)
-    over = game_overs(log)
+    over, serve = game_overs(log), serves(log)
+    assert len(acted_on) == len(log) - 1  # the policy acted on every step's obs but the last
     life_losses = 0
     for w in range(1, len(log) - 1):
         for env in range(2):
@@ -246,8 +279,11 @@ def test_noop_policy_is_served_after_every_lost_life_and_loses_its_games(dqn, tm
             life_losses += lost
             # the step after a lost life is FIRE (the serve), every other step the policy's NOOP
             assert log[w + 1]["actions"][env] == (BREAKOUT_FIRE if lost else NOOP), (w, env)
-            if lost:  # and the replay stores the action executed
-                assert rb.gather(torch.tensor([env * rb.per_env + (w + 1)])).actions.item() == BREAKOUT_FIRE
+            # the policy acts on the new life's restarted stack, the one the replay rebuilds
+            assert np.array_equal(acted_on[w][env], acting_stack(log, serve, w, env)), (w, env)
+            if lost:  # the serve is not a transition, and the next stack holds only its frame
+                assert rb.rows[env, w + 1, 3] == 1
+                assert not acted_on[w + 1][env][:3].any() and acted_on[w + 1][env][3].any()
     # without the serve, a NOOP policy stalls after its first lost life until the 108k-frame cap
     assert over.sum() >= 4 and life_losses >= 4 * over.sum()
     assert max(e["frames"].max() for e in log) < 2_000
@@ -264,11 +300,15 @@ def test_noop_policy_ends_its_evaluation_games_long_before_the_cap(dqn):
     assert (0 < lengths).all() and (lengths < 2_000).all(), lengths  # 108,000 frames without the serve
 
 
-def test_a_game_without_fire_is_not_served(dqn, tmp_path, monkeypatch):
-    log, _, _ = record_main(dqn, tmp_path, monkeypatch, noop=True, env_id="MsPacmanNoFrameskip-v4", num_envs=1,
-                            total_timesteps=450, buffer_size=1000, learning_starts=440, train_frequency=50)
-    assert sum(bool(e["term"][0]) for e in log[1:]) >= 2  # lives were lost
-    assert all(e["actions"][0] == NOOP for e in log[1:])  # and nothing but the policy's NOOP was played
+def test_a_game_without_fire_serves_a_noop(dqn, tmp_path, monkeypatch):
+    log, rb, _ = record_main(dqn, tmp_path, monkeypatch, action=MSPACMAN_RIGHT, env_id="MsPacmanNoFrameskip-v4",
+                             num_envs=1, eval_episodes=2, total_timesteps=450, buffer_size=1000, learning_starts=440,
+                             train_frequency=50)
+    serve = serves(log)[:, 0]
+    assert serve.sum() >= 2  # lives were lost
+    # the step after a lost life is NOOP (CleanRL's EpisodicLifeEnv steps NOOP at a lost life), every other the policy's
+    assert [e["actions"][0] for e in log[1:]] == [NOOP if s else MSPACMAN_RIGHT for s in serve[1:]]
+    assert (rb.rows[0, 1:len(log), 3].numpy() == serve[1:]).all()  # the serves, and only they, start a stack
 
 
 class FakeVectorEnv:
@@ -284,7 +324,7 @@ def test_game_end_and_serve_follow_ale_pys_rules(dqn):
     A = ale_py.Action
     start = {"lives": np.array([5, 1, 5, 5, 5]), "episode_frame_number": np.full(5, 16)}
     games = dqn.Games(FakeVectorEnv([A.NOOP, A.FIRE, A.RIGHT, A.LEFT]), start, max_frames=100)
-    assert games.fire == 1
+    assert games.serve_action == 1
     # env 0: a life lost; 1: a game whose lives never change (Adventure) terminates; 2: a life lost on the step that
     # reaches the cap (ale-py reports terminated only, yet resets); 3: truncated; 4: a life lost in an evaluation env
     # (no life-loss termination)
@@ -293,17 +333,23 @@ def test_game_end_and_serve_follow_ale_pys_rules(dqn):
     infos = {"lives": np.array([4, 1, 4, 5, 4]), "episode_frame_number": np.array([60, 60, 116, 116, 60])}
     assert games.step(terminations, truncations, infos).tolist() == [False, True, True, True, False]
     assert games.act(np.full(5, 3)).tolist() == [1, 3, 3, 3, 1]  # FIRE only after a lost life that goes on
+    assert not games.starts.any()
     # the reset steps of envs 1-3: no game over, no serve; the cap counts from the new game's first frame
     infos = {"lives": np.array([4, 1, 5, 5, 4]), "episode_frame_number": np.array([64, 30, 30, 30, 64])}
     assert not games.step(np.zeros(5, bool), np.zeros(5, bool), infos).any()
     assert games.act(np.full(5, 3)).tolist() == [3] * 5
+    # this step started new games (1-3) and new lives (0, 4): each env's stack holds this step's frame alone
+    assert games.starts.all()
+    assert games.stack(np.ones((5, 4, 2, 2), np.uint8))[:, :, 0, 0].tolist() == [[0, 0, 0, 1]] * 5
     infos = {"lives": np.array([4, 1, 4, 5, 4]), "episode_frame_number": np.array([68, 129, 129, 34, 68])}
     assert games.step(np.array([False, False, True, False, False]), np.zeros(5, bool), infos).tolist() == [
         False, False, False, False, False]  # 99 frames into the new games: the cap (100) is not reached yet
     assert games.act(np.full(5, 3)).tolist() == [3, 3, 1, 3, 3]
-    no_fire = dqn.Games(FakeVectorEnv([A.NOOP, A.UP, A.DOWN]), start, max_frames=100)
+    assert not games.starts.any()
+    assert games.stack(np.ones((5, 4, 2, 2), np.uint8))[:, :, 0, 0].tolist() == [[0, 0, 1, 1]] * 5
+    no_fire = dqn.Games(FakeVectorEnv([A.UP, A.NOOP, A.DOWN]), start, max_frames=100)
     no_fire.step(terminations, truncations, {**infos, "lives": np.array([4, 1, 4, 5, 4])})
-    assert no_fire.fire is None and no_fire.act(np.full(5, 2)).tolist() == [2] * 5
+    assert no_fire.act(np.full(5, 2)).tolist() == [1, 2, 2, 2, 1]  # NOOP where there is no FIRE to serve with
 
 
 def test_a_game_over_the_rule_cannot_see_is_caught_at_its_reset_step(dqn):
@@ -330,10 +376,10 @@ def test_a_life_loss_on_the_capped_step_ends_the_game(dqn, tmp_path, monkeypatch
     """The frame cap chosen so that it falls on the step of env 0's first lost life (found with a first, uncapped
     run of the same deterministic NOOP policy): ale-py reports terminated only, with lives > 0, and resets."""
     flags = dict(num_envs=2, total_timesteps=400, buffer_size=4000, learning_starts=390, train_frequency=50)
-    probe, _, _ = record_main(dqn, tmp_path, monkeypatch, noop=True, run_name="probe", **flags)
+    probe, _, _ = record_main(dqn, tmp_path, monkeypatch, action=NOOP, run_name="probe", **flags)
     w = next(w for w, e in enumerate(probe[1:], start=1) if e["term"][0])  # env 0's first life loss
     cap = int(probe[w]["frames"][0] - probe[0]["frames"][0])
-    log, rb, run_dir = record_main(dqn, tmp_path, monkeypatch, noop=True, max_episode_frames=cap, **flags)
+    log, rb, run_dir = record_main(dqn, tmp_path, monkeypatch, action=NOOP, max_episode_frames=cap, **flags)
     assert log[w]["term"][0] and not log[w]["trunc"][0] and log[w]["lives"][0] > 0  # the coincidence happened
     assert reset_steps(log)[w + 1][0]  # and ale-py reset the game
     # the reset step is not stored as a transition, and no stack across the two games is wrong
@@ -440,7 +486,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @needs_cuda
 @pytest.mark.parametrize("storage", ["cuda", "cpu"])  # the buffer on the GPU, or host storage feeding a GPU learner
-def test_cuda_stacks_equal_the_envs_and_sampling_returns_transitions(recorded_run, dqn, script, storage):
+def test_cuda_stacks_equal_the_acting_stacks_and_sampling_returns_transitions(recorded_run, dqn, script, storage):
     log, cpu_rb, _ = recorded_run
     rb = dqn.ReplayBuffer(600, 3, torch.device(storage), torch.device("cuda"))
     rb.load_state_dict(cpu_rb.state_dict())

@@ -129,8 +129,7 @@ STACK = 4  # frames per observation
 FRAME_BYTES = 84 * 84  # one uint8 grayscale frame
 LOG_EVERY = 100  # gradient updates between loss/Q logs and non-finite checks (each is one CPU-GPU sync)
 HELD_OUT = 512  # transitions kept aside at learning start for DeepMind's average max-Q and TD-error curves
-COLUMNS = ("action", "reward", "done", "first")  # the float32 row a replay slot stores beside its frame
-ACTION, REWARD, DONE, FIRST = range(len(COLUMNS))
+HORIZON = 1  # env steps a transition's return spans: the TD target bootstraps this many steps ahead (n-step: > 1)
 RUN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=+-]*")
 ENV_BYTES = 2 * 2**20  # host RAM of one ale-py emulator with its frame buffers (1.3 to 1.9 MB each, 8 to 256 envs)
 
@@ -265,21 +264,22 @@ class QNetwork(nn.Module):
 
 
 def compute_td_target(q_network: nn.Module, target_network: nn.Module, rewards: torch.Tensor,
-                      next_observations: torch.Tensor, dones: torch.Tensor, gamma: float) -> torch.Tensor:
-    """y = sign(r) + gamma * Q_target(s', argmax_a' Q(s', a')), cut at a termination or life loss (van Hasselt et al.
-    2016, Eq. 4): the online network selects the action, the target network evaluates it."""
+                      next_observations: torch.Tensor, dones: torch.Tensor, discounts: torch.Tensor) -> torch.Tensor:
+    """y = r + gamma * Q_target(s', argmax_a' Q(s', a')), cut at a termination or life loss (van Hasselt et al. 2016,
+    Eq. 4): the online network selects the action, the target network evaluates it; r is clipped in the replay, gamma
+    is the batch's discount (gamma^k for a k-step return)."""
     with torch.no_grad():
         best_actions = q_network(next_observations).argmax(dim=1, keepdim=True)  # (B, 1)
         target_values = target_network(next_observations).gather(1, best_actions).squeeze(1)  # (B,)
-        return rewards.sign() + gamma * target_values * (1 - dones)
+        return rewards + discounts * target_values * (1 - dones)
 
 
-def td_terms(q_network: nn.Module, target_network: nn.Module, data: "Batch",
-             gamma: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def td_terms(q_network: nn.Module, target_network: nn.Module,
+             data: "Batch") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The one TD computation, for learning and for the held-out curves: the TD target y (B,), Q(s, .) (B, A) and
     Q(s, a) (B,) of the actions taken."""
     td_target = compute_td_target(q_network, target_network, data.rewards, data.next_observations, data.dones,
-                                  gamma)
+                                  data.discounts)
     q_values = q_network(data.observations)  # (B, n_actions)
     return td_target, q_values, q_values.gather(1, data.actions[:, None]).squeeze(1)
 
@@ -297,10 +297,10 @@ def update_target(target_network: nn.Module, q_network: nn.Module, tau: float) -
 
 
 def train_step(q_network: nn.Module, target_network: nn.Module, optimizer: torch.optim.Optimizer,
-               rb: "ReplayBuffer", data: "Batch", gamma: float, max_grad_norm: float) -> torch.Tensor:
+               rb: "ReplayBuffer", data: "Batch", max_grad_norm: float) -> torch.Tensor:
     """One gradient step on a batch, then new priorities for it; returns (td_loss, mean Q) as a (2,) tensor on the
     device, without a host sync."""
-    td_target, _, q_taken = td_terms(q_network, target_network, data, gamma)
+    td_target, _, q_taken = td_terms(q_network, target_network, data)
     # importance-weighted Huber loss (Schaul et al. 2016, Alg. 1, line 11)
     loss = (data.weights * F.smooth_l1_loss(q_taken, td_target, reduction="none")).mean()
     optimizer.zero_grad()
@@ -314,9 +314,10 @@ def train_step(q_network: nn.Module, target_network: nn.Module, optimizer: torch
 class Batch(NamedTuple):
     observations: torch.Tensor  # (B, 4, 84, 84) uint8
     actions: torch.Tensor  # (B,) int64
-    rewards: torch.Tensor  # (B,) float32, unclipped
-    next_observations: torch.Tensor  # (B, 4, 84, 84) uint8
+    rewards: torch.Tensor  # (B,) float32, clipped to their sign: the return of the transition's HORIZON steps
+    next_observations: torch.Tensor  # (B, 4, 84, 84) uint8: the stack the TD target bootstraps from
     dones: torch.Tensor  # (B,) float32: termination or life loss (a truncation bootstraps)
+    discounts: torch.Tensor  # (B,) float32: gamma^k for a bootstrap k env steps ahead (gamma at HORIZON 1)
     indices: torch.Tensor  # (B,) int64 slot: env * per-env capacity + position, on the replay's storage device
     weights: torch.Tensor  # (B,) float32 importance-sampling weights, max 1
 
@@ -366,24 +367,33 @@ class SumTree:
 class ReplayBuffer:
     """Frame-deduplicated replay: each env's stream stores every 84x84 frame once, stacks are rebuilt when sampling.
 
-    Slot (env, p) holds the newest frame of the obs the env returned at one step and the float32 row of that step,
-    columns ACTION, REWARD, DONE, FIRST; FIRST marks the first frame of a game or a life (a reset step, a serve): not
-    a transition. The transition in slot p goes from the stack ending at p-1 to the stack ending at p; a frame older
-    than a FIRST within the window belongs to the previous game or life and is zeroed, as the env pads at reset.
-    Memory: 84*84 + 4*4 = 7072 bytes per transition, 7.07 GB at 1M (stacked obs and next obs would take 56 KB), plus
-    the sum and min trees: 2 * 2 * 8 bytes per leaf, leaves rounded up to a power of two (34 MB at 1M).
-    Sampling is proportional to priority; a slot that is not a transition (a game's first frame, or one of the 4 oldest
-    slots, whose obs lost frames to the ring) has priority 0, so it is never drawn.
+    Slot (env, p) holds the newest frame of the obs the env returned at one step, and that step's action, reward
+    (clipped to its sign, as the learner uses it; the logged scores keep the raw ones), termination (a life loss
+    included), truncation, and `firsts`: the first frame of a game or a life (a reset step, a serve), not a transition.
+    The transition in slot p starts from the stack ending at p-1 and spans the HORIZON steps p .. p+HORIZON-1
+    (Dopamine's update_horizon; 1 here); a frame older than a first within a stack belongs to the previous game or
+    life and is zeroed, as the env pads at reset.
+    Memory: 84*84 + 8 + 4 + 3 = 7071 bytes per transition, 7.07 GB at 1M (stacked obs and next obs would take 56 KB),
+    plus the sum and min trees: 2 * 2 * 8 bytes per leaf, leaves rounded up to a power of two (34 MB at 1M).
+    Sampling is proportional to priority; a slot that is not a transition (a first, one of the 4 oldest slots, whose
+    obs lost frames to the ring, or one whose HORIZON steps are not all stored yet) has priority 0: never drawn.
     """
 
-    def __init__(self, capacity: int, num_envs: int, storage: torch.device, device: torch.device, alpha: float = 0.6,
-                 eps: float = 1e-6):
+    FIELDS = ("frames", "actions", "rewards", "terminations", "truncations", "firsts")  # one value per slot each
+
+    def __init__(self, capacity: int, num_envs: int, storage: torch.device, device: torch.device, gamma: float,
+                 alpha: float = 0.6, eps: float = 1e-6):
         # ceil so the buffer never holds less than asked; at least a stack and a transition (plus one) per env
-        self.per_env = max(-(-capacity // num_envs), STACK + 2)
-        self.num_envs, self.storage, self.device = num_envs, storage, device
+        self.per_env = max(-(-capacity // num_envs), STACK + HORIZON + 1)
+        self.num_envs, self.storage, self.device, self.gamma = num_envs, storage, device, gamma
         # not pinned: the pinned allocator would round 7.07 GB up to about 8.6 GB, and gather() pins each batch anyway
-        self.frames = torch.zeros((num_envs, self.per_env, 84, 84), dtype=torch.uint8, device=storage)
-        self.rows = torch.zeros((num_envs, self.per_env, len(COLUMNS)), dtype=torch.float32, device=storage)
+        slots = (num_envs, self.per_env)
+        self.frames = torch.zeros((*slots, 84, 84), dtype=torch.uint8, device=storage)
+        self.actions = torch.zeros(slots, dtype=torch.int64, device=storage)
+        self.rewards = torch.zeros(slots, dtype=torch.float32, device=storage)
+        self.terminations = torch.zeros(slots, dtype=torch.bool, device=storage)
+        self.truncations = torch.zeros(slots, dtype=torch.bool, device=storage)
+        self.firsts = torch.ones(slots, dtype=torch.bool, device=storage)  # a slot not yet written is no transition
         self.pos, self.count = 0, 0  # the next slot written, and how many slots per env hold data
         self.tree = SumTree(num_envs * self.per_env, storage)
         self.alpha, self.eps = alpha, eps
@@ -394,18 +404,19 @@ class ReplayBuffer:
     @staticmethod
     def bytes_needed(capacity: int, num_envs: int) -> int:
         slots = num_envs * max(-(-capacity // num_envs), STACK + 2)
-        return slots * (FRAME_BYTES + 4 * len(COLUMNS)) + 2 * 2 * 8 * (1 << max(1, (slots - 1).bit_length()))
+        return slots * (FRAME_BYTES + 8 + 4 + 3) + 2 * 2 * 8 * (1 << max(1, (slots - 1).bit_length()))
 
-    def add(self, frames: np.ndarray, actions: np.ndarray, rewards: np.ndarray, dones: np.ndarray,
-            firsts: np.ndarray) -> None:
+    def add(self, frames: np.ndarray, actions: np.ndarray, rewards: np.ndarray, terminations: np.ndarray,
+            truncations: np.ndarray, firsts: np.ndarray) -> None:
         """One slot per env: frames (N, 84, 84) uint8, the newest frame of each env's obs; the rest (N,)."""
         self.apply_pending_priorities()
-        rows = np.stack([actions, rewards, dones, firsts], axis=1).astype(np.float32)  # (N, 4): COLUMNS
-        self.frames[:, self.pos] = torch.from_numpy(frames).to(self.storage, non_blocking=True)
-        self.rows[:, self.pos] = torch.from_numpy(rows).to(self.storage, non_blocking=True)
+        rewards = np.sign(rewards).astype(np.float32)  # clipped once, here (Mnih et al. 2015, Methods)
+        for name, values in zip(self.FIELDS, (frames, actions, rewards, terminations, truncations, firsts)):
+            getattr(self, name)[:, self.pos] = torch.from_numpy(values).to(self.storage, non_blocking=True)
         envs = torch.arange(self.num_envs, device=self.storage) * self.per_env
-        is_first = torch.from_numpy(firsts).to(self.storage, non_blocking=True)
-        slots, priorities = envs + self.pos, torch.where(is_first, 0.0, self.max_priority)  # (N,) each
+        # the slot whose HORIZON steps are now all stored becomes sampleable, at the largest priority
+        ready = (self.pos - HORIZON + 1) % self.per_env
+        slots, priorities = envs + ready, torch.where(self.firsts[:, ready], 0.0, self.max_priority)  # (N,) each
         self.pos = (self.pos + 1) % self.per_env
         self.count = min(self.count + 1, self.per_env)
         if self.count == self.per_env:  # the 4 oldest slots lost frames of their obs to the ring: not sampleable
@@ -451,37 +462,54 @@ class ReplayBuffer:
         self.pending = None
 
     def gather(self, indices: torch.Tensor) -> Batch:
-        """Rebuilds the transitions in slots `indices` (B,): their obs and next obs stacks from 5 frames each."""
+        """Rebuilds the transitions in slots `indices` (B,) from one window of STACK + HORIZON slots each: obs is the
+        stack ending at p-1, the return and the next obs come from the steps p .. p+HORIZON-1."""
         env, pos = indices // self.per_env, indices % self.per_env
-        window = (pos[:, None] + torch.arange(-STACK, 1, device=self.storage)) % self.per_env  # (B, 5): p-4 .. p
-        frames = self.frames[env[:, None], window]  # (B, 5, 84, 84) uint8
-        rows = self.rows[env[:, None], window]  # (B, 5, 4)
+        window = (pos[:, None] + torch.arange(-STACK, HORIZON, device=self.storage)) % self.per_env  # (B, 4 + H)
+        env = env[:, None]
+        fields = (self.frames[env, window], self.firsts[env, window], self.actions[env, window[:, STACK:]],
+                  self.rewards[env, window[:, STACK:]], self.terminations[env, window[:, STACK:]],
+                  self.truncations[env, window[:, STACK:]])
         if self.storage.type != self.device.type:  # host storage -> GPU: pinned, so the copy does not block the host
-            frames = frames.pin_memory().to(self.device, non_blocking=True)
-            rows = rows.pin_memory().to(self.device, non_blocking=True)
-        # frame m of the window is from an earlier game iff a later frame in the window (up to p) is a game's first
-        later_first = rows[:, 1:, FIRST].flip(1).cummax(dim=1).values.flip(1)  # (B, 4): any first in m+1 .. p
-        keep = torch.cat([later_first == 0, torch.ones_like(later_first[:, :1], dtype=torch.bool)], dim=1)
-        frames = frames * keep[:, :, None, None]  # (B, 5, 84, 84), zero padding as at reset
-        last = rows[:, -1]  # (B, 4): the transition's own action, reward, done
-        return Batch(frames[:, :STACK], last[:, ACTION].long(), last[:, REWARD], frames[:, 1:], last[:, DONE],
-                     indices, torch.ones_like(last[:, DONE]))
+            fields = tuple(t.pin_memory().to(self.device, non_blocking=True) for t in fields)
+        frames, firsts, actions, rewards, terminations, truncations = fields  # (B, 4 + H, 84, 84), (B, 4 + H), (B, H)
+        # the return of steps p .. p+HORIZON-1, with the bootstrap from the stack after the last step it counts (here
+        # the one step p; an n-step fork sums discounted rewards and stops at a termination, truncation or first)
+        last = torch.zeros_like(indices, device=self.device)  # (B,) the last step counted, 0 .. HORIZON - 1
+        returns, dones = rewards[:, 0], terminations[:, 0].float()
+        discounts = torch.full_like(returns, self.gamma)  # gamma^(last + 1)
+        rows = torch.arange(len(indices), device=self.device)[:, None]
+        next_window = last[:, None] + 1 + torch.arange(STACK, device=self.device)  # (B, 4): its positions in window
+        return Batch(stack(frames[:, :STACK], firsts[:, :STACK]), actions[:, 0], returns,
+                     stack(frames[rows, next_window], firsts[rows, next_window]), dones, discounts, indices,
+                     torch.ones_like(returns))
 
     def state_dict(self) -> dict:
         self.apply_pending_priorities()
-        return {"frames": self.frames.cpu(), "rows": self.rows.cpu(), "pos": self.pos, "count": self.count,
+        return {**{name: getattr(self, name).cpu() for name in self.FIELDS}, "pos": self.pos, "count": self.count,
                 "sums": self.tree.sums.cpu(), "mins": self.tree.mins.cpu(), "max_priority": self.max_priority.cpu()}
 
     def load_state_dict(self, state: dict) -> None:
+        if any(name not in state for name in self.FIELDS):
+            fail(f"the checkpoint's replay buffer lacks fields of this script's ({', '.join(self.FIELDS)}): it was "
+                 "written by an earlier version; start a new run")
         if state["frames"].shape != self.frames.shape:
             fail(f"the checkpoint's replay buffer has shape {tuple(state['frames'].shape)}, not "
                  f"{tuple(self.frames.shape)}; resume with the same --buffer-size and --num-envs")
-        self.frames.copy_(state["frames"])
-        self.rows.copy_(state["rows"])
+        for name in self.FIELDS:
+            getattr(self, name).copy_(state[name])
         self.tree.sums.copy_(state["sums"])
         self.tree.mins.copy_(state["mins"])
         self.max_priority.copy_(state["max_priority"])
         self.pos, self.count = state["pos"], state["count"]
+
+
+def stack(frames: torch.Tensor, firsts: torch.Tensor) -> torch.Tensor:
+    """A stack (B, 4, 84, 84) with the frames older than its newest first (B, 4) zeroed: they belong to an earlier
+    game or life, and the env pads a new game's first stack with zeros the same way."""
+    later_first = firsts[:, 1:].flip(1).cummax(dim=1).values.flip(1)  # (B, 3): a first among the frames after m
+    keep = torch.cat([~later_first, torch.ones_like(firsts[:, :1])], dim=1)  # (B, 4)
+    return frames * keep[:, :, None, None]
 
 
 def evaluate(q_network: nn.Module, game: str, sticky: float, max_frames: int, episodes: int, epsilon: float,
@@ -530,11 +558,10 @@ def evaluate(q_network: nn.Module, game: str, sticky: float, max_frames: int, ep
     return returns, lengths
 
 
-def held_out_stats(q_network: nn.Module, target_network: nn.Module, held_out: "Batch",
-                   gamma: float) -> tuple[float, float]:
+def held_out_stats(q_network: nn.Module, target_network: nn.Module, held_out: "Batch") -> tuple[float, float]:
     """Mnih et al. 2015, Fig. 2: the average max Q over held-out states, and their mean |TD error|."""
     with torch.inference_mode():
-        td_target, q_values, q_taken = td_terms(q_network, target_network, held_out, gamma)
+        td_target, q_values, q_taken = td_terms(q_network, target_network, held_out)
         return q_values.max(dim=1).values.mean().item(), (td_target - q_taken).abs().mean().item()  # sync point
 
 
@@ -572,7 +599,7 @@ class RunState:
     def state_dict(self) -> dict:
         return {**self.learner_state(), "best_eval": self.best_eval, "last_eval": self.last_eval,
                 "eval_due": self.eval_due,
-                "held_out": [t.cpu() for t in self.held_out] if self.held_out is not None else None,
+                "held_out": None if self.held_out is None else {k: t.cpu() for k, t in self.held_out._asdict().items()},
                 "numpy_rng": self.rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None}
 
@@ -585,7 +612,7 @@ class RunState:
             "last_eval")  # absent from checkpoints written before summary.json existed
         self.eval_due = state.get("eval_due", False)  # absent from checkpoints written before it existed
         if state["held_out"] is not None:
-            self.held_out = Batch(*(t.to(self.device) for t in state["held_out"]))
+            self.held_out = Batch(**{k: t.to(self.device) for k, t in state["held_out"].items()})
         self.rng.bit_generator.state = state["numpy_rng"]
         torch.set_rng_state(state["torch_rng"])
         if self.device.type == "cuda" and state["cuda_rng"] is not None:
@@ -612,7 +639,7 @@ def main(args: Args) -> None:
         if checkpoint:
             restore(run, checkpoint, args)
         # the replay buffer and the envs come last: they are the slow part of the start, after the checks above
-        rb = ReplayBuffer(args.buffer_size, args.num_envs, storage, device, args.prioritized_replay_alpha,
+        rb = ReplayBuffer(args.buffer_size, args.num_envs, storage, device, args.gamma, args.prioritized_replay_alpha,
                           args.prioritized_replay_eps)
         print(f"replay: {ReplayBuffer.bytes_needed(args.buffer_size, args.num_envs) / 1e9:.2f} GB on {storage}, "
               f"learner on {device}", flush=True)
@@ -627,7 +654,7 @@ def main(args: Args) -> None:
         obs, infos = envs.reset(seed=env_seed(args.seed + run.global_step, args.num_envs))
         games = Games(envs, infos, args.max_episode_frames)
         # each env's stream starts with the first frame of its game: a slot that is not a transition
-        rb.add(obs[:, -1], *np.zeros((3, args.num_envs)), firsts=np.ones(args.num_envs, dtype=bool))
+        rb.add(obs[:, -1], *np.zeros((4, args.num_envs)), firsts=np.ones(args.num_envs, dtype=bool))
         run.last_finite = copy.deepcopy(run.learner_state())
         while not stop:
             if run.eval_due:  # the step that passed a multiple of eval_frequency, the last one, or an owed evaluation
@@ -639,7 +666,7 @@ def main(args: Args) -> None:
                                       files.eval_video(run.global_step), stop=lambda: bool(stop))
                 if stop:  # a signal cut the evaluation short: it stays due, and a resumed run does it first
                     break
-                held_out = (held_out_stats(run.q_network, run.target_network, run.held_out, args.gamma)
+                held_out = (held_out_stats(run.q_network, run.target_network, run.held_out)
                             if run.held_out is not None else None)
                 log.evaluation(returns, held_out, time.time() - started)
             if run.global_step >= args.total_timesteps:
@@ -669,8 +696,8 @@ def main(args: Args) -> None:
                     run.held_out = rb.sample(HELD_OUT, beta)
                 if step % args.train_frequency == 0:
                     data = rb.sample(args.batch_size, beta)
-                    log.update(train_step(run.q_network, run.target_network, run.optimizer, rb, data, args.gamma,
-                                          args.max_grad_norm), step)
+                    stats = train_step(run.q_network, run.target_network, run.optimizer, rb, data, args.max_grad_norm)
+                    log.update(stats, step)
                     run.n_updates += 1
                     if run.n_updates % LOG_EVERY == 0:
                         bad_step = log.read_updates(step, epsilon, beta)  # sync point: once per LOG_EVERY updates
@@ -687,8 +714,8 @@ def main(args: Args) -> None:
             # first); a missed game over ends its game at its reset step
             log.games(rewards, ~games.reset_step, games.ended)
             # a game's or a life's first obs (the reset step, the serve) is not a transition: its slot starts the
-            # stacks after it. done = termination or life loss; a truncation bootstraps from its real final frame
-            rb.add(next_obs[:, -1], actions, rewards, terminations, firsts=games.starts)
+            # stacks after it. A life loss is a termination; a truncation bootstraps from its real final frame
+            rb.add(next_obs[:, -1], actions, rewards, terminations, truncations, firsts=games.starts)
             obs = games.stack(next_obs)  # the stack the replay rebuilds: restarted at the serve after a lost life
 
             run.eval_due = (passed_multiple(args.eval_frequency, run.global_step, args.num_envs)

@@ -69,12 +69,12 @@ def fill_random(rb: Any, slots: int, num_envs: int, n_actions: int, seed: int = 
     (life losses), and the first slot of each stream marked as a game's first frame, as the script does at reset."""
     rng = np.random.default_rng(seed)
     zeros = np.zeros(num_envs)
-    rb.add(rng.integers(0, 256, (num_envs, 84, 84), dtype=np.uint8), zeros, zeros, zeros,
+    rb.add(rng.integers(0, 256, (num_envs, 84, 84), dtype=np.uint8), zeros, zeros, zeros, zeros,
            firsts=np.ones(num_envs, dtype=bool))
     for _ in range(slots - 1):
         rb.add(rng.integers(0, 256, (num_envs, 84, 84), dtype=np.uint8), rng.integers(n_actions, size=num_envs),
                (rng.random(num_envs) < 0.05).astype(np.float64), rng.random(num_envs) < 0.02,
-               firsts=np.zeros(num_envs, dtype=bool))
+               np.zeros(num_envs, dtype=bool), firsts=np.zeros(num_envs, dtype=bool))
 
 
 def make_update(mod: ModuleType, rb: Any, n_actions: int, batch_size: int, device: torch.device,
@@ -94,9 +94,8 @@ def make_update(mod: ModuleType, rb: Any, n_actions: int, batch_size: int, devic
         q_network, target_network, optimizer = run.q_network, run.target_network, run.optimizer
     if hasattr(rb, "update_priorities"):  # dqn_atari_dueling_per.py: PER sampling and priority updates
         return lambda: mod.train_step(q_network, target_network, optimizer, rb,
-                                      rb.sample(batch_size, args.prioritized_replay_beta0), args.gamma,
-                                      args.max_grad_norm)
-    return lambda: mod.train_step(q_network, target_network, optimizer, rb.sample(batch_size), args.gamma)
+                                      rb.sample(batch_size, args.prioritized_replay_beta0), args.max_grad_norm)
+    return lambda: mod.train_step(q_network, target_network, optimizer, rb.sample(batch_size))
 
 
 @dataclass
@@ -128,7 +127,8 @@ class UpdateCost:
         rb_kwargs = {}
         if hasattr(defaults, "prioritized_replay_alpha"):  # the PER buffer's priority exponent and floor
             rb_kwargs = {"alpha": defaults.prioritized_replay_alpha, "eps": defaults.prioritized_replay_eps}
-        rb = mod.ReplayBuffer(self.capacity, 1, device, device, **rb_kwargs)  # 1 env; storage on the learner's device
+        # 1 env; storage on the learner's device
+        rb = mod.ReplayBuffer(self.capacity, 1, device, device, defaults.gamma, **rb_kwargs)
         fill_random(rb, rb.per_env, 1, n_actions)
         update = make_update(mod, rb, n_actions, self.batch_size, device, self.plain)
         block_seconds = timed_blocks(update, device, warmup, self.iters, blocks)
@@ -235,7 +235,8 @@ def tensor_bytes(obj: Any, _seen: Optional[set[int]] = None) -> int:
 def replay_bytes(script: str, capacity: int, num_envs: int, full_capacity: int) -> dict[str, Any]:
     """Allocates the script's ReplayBuffer with `capacity` on the CPU and measures it; bytes_needed at full size."""
     mod = load_script(script)
-    allocated = tensor_bytes(mod.ReplayBuffer(capacity, num_envs, torch.device("cpu"), torch.device("cpu")))
+    allocated = tensor_bytes(mod.ReplayBuffer(capacity, num_envs, torch.device("cpu"), torch.device("cpu"),
+                                              mod.Args().gamma))
     needed_full = mod.ReplayBuffer.bytes_needed(full_capacity, num_envs)
     return {"script": script, "capacity": capacity, "num_envs": num_envs, "allocated_bytes": allocated,
             "bytes_per_transition": allocated / capacity,
@@ -412,7 +413,7 @@ class PerCost:
             time_it("tree", tree.size, b, lambda: tree.set(tree.sample(b), new))
         del tree
         if self.full_buffer:
-            rb = mod.ReplayBuffer(self.capacity, num_envs, device, device)
+            rb = mod.ReplayBuffer(self.capacity, num_envs, device, device, mod.Args().gamma)
             rb.pos, rb.count = 0, rb.per_env  # full: every slot old enough to hold its whole stack
             rb.tree.set(torch.arange(num_envs * rb.per_env, device=device), priorities(num_envs * rb.per_env))
             oldest = (torch.arange(num_envs, device=device)[:, None] * rb.per_env
@@ -423,7 +424,7 @@ class PerCost:
                 time_it("buffer", rb.tree.size, b, lambda: rb.update_priorities(rb.sample(b, 0.4).indices, td_errors))
             frames = np.zeros((num_envs, 84, 84), dtype=np.uint8)
             zeros, firsts = np.zeros(num_envs, dtype=np.float32), np.zeros(num_envs, dtype=bool)
-            time_it("add", rb.tree.size, num_envs, lambda: rb.add(frames, zeros, zeros, zeros, firsts))
+            time_it("add", rb.tree.size, num_envs, lambda: rb.add(frames, zeros, zeros, zeros, firsts, firsts))
         return rows
 
     def run(self) -> None:
@@ -502,7 +503,7 @@ def diagnose(path: Path, batches: int = 200) -> dict:
     args = mod.Args(**{k: v for k, v in state["args"].items() if k in mod.Args.__dataclass_fields__})
     if state["replay_buffer"] is None:
         raise SystemExit(f"{path} holds no replay buffer: write it with --checkpoint-buffer")
-    rb = mod.ReplayBuffer(args.buffer_size, args.num_envs, torch.device("cpu"), torch.device("cpu"),
+    rb = mod.ReplayBuffer(args.buffer_size, args.num_envs, torch.device("cpu"), torch.device("cpu"), args.gamma,
                           args.prioritized_replay_alpha, args.prioritized_replay_eps)
     rb.load_state_dict(state["replay_buffer"])
     step = state["global_step"]

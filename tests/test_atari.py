@@ -48,7 +48,7 @@ def test_unsupported_env_id_fails_with_close_matches(dqn, capsys, env_id, hint):
 
 # ---------------------------------------------------------------- replay memory
 def test_memory_per_transition(dqn):
-    rb = dqn.ReplayBuffer(1200, num_envs=4, storage=torch.device("cpu"), device=torch.device("cpu"))
+    rb = dqn.ReplayBuffer(1200, num_envs=4, storage=torch.device("cpu"), device=torch.device("cpu"), gamma=0.99)
     holders = [rb] + ([rb.tree] if hasattr(rb, "tree") else [])  # PER: the sum and min trees too
     stored = sum(t.nbytes for h in holders for t in vars(h).values() if isinstance(t, torch.Tensor) and t.ndim)
     per_transition = stored / 1200
@@ -70,7 +70,7 @@ def test_buffer_too_large_for_memory_fails_with_the_largest_that_fits(dqn, capsy
 
 
 def test_tiny_buffer_keeps_a_stack_per_env(dqn):
-    rb = dqn.ReplayBuffer(10, num_envs=8, storage=torch.device("cpu"), device=torch.device("cpu"))
+    rb = dqn.ReplayBuffer(10, num_envs=8, storage=torch.device("cpu"), device=torch.device("cpu"), gamma=0.99)
     assert rb.per_env == 6  # ceil(10 / 8) = 2 slots could not hold a 4-frame stack and a transition
 
 
@@ -211,8 +211,9 @@ def check_stacks(log, rb) -> dict:
         assert np.array_equal(batch.observations[i].numpy(), acting_stack(log, serve, w - 1, env)), (env, w)
         assert np.array_equal(batch.next_observations[i].numpy(), acting_stack(log, serve, w, env)), (env, w)
         assert batch.actions[i] == log[w]["actions"][env]
-        assert batch.rewards[i] == log[w]["rewards"][env]
+        assert batch.rewards[i] == np.sign(log[w]["rewards"][env])  # stored clipped, as the learner uses it
         assert batch.dones[i] == log[w]["term"][env]  # a life loss is terminal, a truncation is not
+        assert rb.truncations[env, pos] == log[w]["trunc"][env] and batch.discounts[i] == pytest.approx(rb.gamma)
         ended = w < len(over) and over[w][env]
         kinds["life_loss"] += bool(log[w]["term"][env] and not ended)
         kinds["game_over"] += bool(log[w]["term"][env] and ended)
@@ -282,7 +283,7 @@ def test_noop_policy_is_served_after_every_lost_life_and_loses_its_games(dqn, tm
             # the policy acts on the new life's restarted stack, the one the replay rebuilds
             assert np.array_equal(acted_on[w][env], acting_stack(log, serve, w, env)), (w, env)
             if lost:  # the serve is not a transition, and the next stack holds only its frame
-                assert rb.rows[env, w + 1, 3] == 1
+                assert rb.firsts[env, w + 1]
                 assert not acted_on[w + 1][env][:3].any() and acted_on[w + 1][env][3].any()
     # without the serve, a NOOP policy stalls after its first lost life until the 108k-frame cap
     assert over.sum() >= 4 and life_losses >= 4 * over.sum()
@@ -308,7 +309,7 @@ def test_a_game_without_fire_serves_a_noop(dqn, tmp_path, monkeypatch):
     assert serve.sum() >= 2  # lives were lost
     # the step after a lost life is NOOP (CleanRL's EpisodicLifeEnv steps NOOP at a lost life), every other the policy's
     assert [e["actions"][0] for e in log[1:]] == [NOOP if s else MSPACMAN_RIGHT for s in serve[1:]]
-    assert (rb.rows[0, 1:len(log), 3].numpy() == serve[1:]).all()  # the serves, and only they, start a stack
+    assert (rb.firsts[0, 1:len(log)].numpy() == serve[1:]).all()  # the serves, and only they, start a stack
 
 
 class FakeVectorEnv:
@@ -384,7 +385,7 @@ def test_a_life_loss_on_the_capped_step_ends_the_game(dqn, tmp_path, monkeypatch
     assert reset_steps(log)[w + 1][0]  # and ale-py reset the game
     # the reset step is not stored as a transition, and no stack across the two games is wrong
     assert (0, (w + 1) % rb.per_env) not in expected_transitions(log, rb)
-    assert rb.rows[0, (w + 1) % rb.per_env, 3] == 1  # marked as a game's first frame
+    assert rb.firsts[0, (w + 1) % rb.per_env]  # marked as a game's first frame
     assert check_stacks(log, rb)["capped_life_loss"] > 0
     # the game's score was logged as a game over (not merged with the next game's)
     assert len(logged_scores_match_the_games(log, run_dir)) >= 2
@@ -488,7 +489,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.mark.parametrize("storage", ["cuda", "cpu"])  # the buffer on the GPU, or host storage feeding a GPU learner
 def test_cuda_stacks_equal_the_acting_stacks_and_sampling_returns_transitions(recorded_run, dqn, script, storage):
     log, cpu_rb, _ = recorded_run
-    rb = dqn.ReplayBuffer(600, 3, torch.device(storage), torch.device("cuda"))
+    rb = dqn.ReplayBuffer(600, 3, torch.device(storage), torch.device("cuda"), 0.99)
     rb.load_state_dict(cpu_rb.state_dict())
     assert min(v for k, v in check_stacks(log, rb).items() if k != "capped_life_loss") > 0
     batch = rb.sample(4096) if script == "dqn_atari" else rb.sample(4096, beta=0.4)

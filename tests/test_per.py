@@ -68,11 +68,11 @@ def test_stratified_sampling_spreads_a_batch_over_the_mass():
 def make_buffer(td_errors: list[float], alpha=0.6, eps=1e-6):
     """A buffer with one env whose transitions have known priorities (the first slot is a game's first frame)."""
     n = len(td_errors)
-    rb = per.ReplayBuffer(n + 1, 1, torch.device("cpu"), torch.device("cpu"), alpha=alpha, eps=eps)
+    rb = per.ReplayBuffer(n + 1, 1, torch.device("cpu"), torch.device("cpu"), 0.99, alpha=alpha, eps=eps)
     frames = np.zeros((1, 84, 84), dtype=np.uint8)
-    rb.add(frames, np.zeros(1), np.zeros(1), np.zeros(1), np.ones(1, dtype=bool))
+    rb.add(frames, *np.zeros((4, 1)), np.ones(1, dtype=bool))
     for _ in range(n):
-        rb.add(frames, np.zeros(1), np.zeros(1), np.zeros(1), np.zeros(1, dtype=bool))
+        rb.add(frames, *np.zeros((4, 1)), np.zeros(1, dtype=bool))
     rb.update_priorities(torch.arange(1, n + 1), torch.tensor(td_errors))
     return rb
 
@@ -81,7 +81,7 @@ def test_new_transitions_get_the_max_priority_and_firsts_get_none():
     rb = make_buffer([0.5, 2.0, 1.0])
     assert rb.tree.leaves(torch.tensor([0])).item() == 0  # the first frame of a game
     frames = np.zeros((1, 84, 84), dtype=np.uint8)
-    rb.add(frames, np.zeros(1), np.zeros(1), np.zeros(1), np.zeros(1, dtype=bool))
+    rb.add(frames, *np.zeros((4, 1)), np.zeros(1, dtype=bool))
     newest = (rb.pos - 1) % rb.per_env
     assert rb.tree.leaves(torch.tensor([newest])).item() == pytest.approx((2.0 + 1e-6) ** 0.6)
 
@@ -102,10 +102,10 @@ def test_importance_weights_match_a_hand_computation():
 
 
 def test_oldest_slots_of_a_full_ring_are_never_sampled():
-    rb = per.ReplayBuffer(8, 1, torch.device("cpu"), torch.device("cpu"))
+    rb = per.ReplayBuffer(8, 1, torch.device("cpu"), torch.device("cpu"), 0.99)
     frames = np.zeros((1, 84, 84), dtype=np.uint8)
     for _ in range(20):  # wraps: the 4 oldest slots miss frames of their obs stack
-        rb.add(frames, np.zeros(1), np.zeros(1), np.zeros(1), np.zeros(1, dtype=bool))
+        rb.add(frames, *np.zeros((4, 1)), np.zeros(1, dtype=bool))
     oldest = [(rb.pos + k) % rb.per_env for k in range(4)]
     assert rb.tree.leaves(torch.tensor(oldest)).eq(0).all()
     drawn = set(rb.sample(4096, beta=0.4).indices.tolist())
@@ -144,11 +144,11 @@ class FixedQ(nn.Module):
 def test_double_target_uses_the_online_argmax_and_target_value():
     online = FixedQ([[1.0, 5.0, 2.0], [3.0, 0.0, 9.0]])  # argmax: action 1, action 2
     target = FixedQ([[7.0, 2.0, 4.0], [1.0, 8.0, 6.0]])  # its own max would be 7 and 8
-    rewards = torch.tensor([3.0, -0.5])  # clipped to sign: 1, -1
+    rewards, discounts = torch.tensor([1.0, -1.0]), torch.full((2,), 0.5)  # rewards as the replay stores them
     dones = torch.tensor([0.0, 0.0])
-    y = per.compute_td_target(online, target, rewards, torch.zeros(2, 4, 84, 84), dones, gamma=0.5)
+    y = per.compute_td_target(online, target, rewards, torch.zeros(2, 4, 84, 84), dones, discounts)
     assert torch.allclose(y, torch.tensor([1 + 0.5 * 2.0, -1 + 0.5 * 6.0]))
-    y = per.compute_td_target(online, target, rewards, torch.zeros(2, 4, 84, 84), torch.tensor([1.0, 0.0]), 0.5)
+    y = per.compute_td_target(online, target, rewards, torch.zeros(2, 4, 84, 84), torch.tensor([1.0, 0.0]), discounts)
     assert y[0] == 1.0  # a terminal transition does not bootstrap
 
 
@@ -159,10 +159,10 @@ def test_priorities_follow_their_slots_through_every_wrap(storage, device):
     transition; else its last written-back priority), a sampled batch holds the contents of the slots it names, and
     the priority written back for a batch row lands on that row's slot, at the next add (deferred, no host sync)."""
     num_envs, per_env, alpha, eps = 3, 10, 0.6, 1e-6
-    rb = per.ReplayBuffer(num_envs * per_env, num_envs, torch.device(storage), torch.device(device), alpha, eps)
+    rb = per.ReplayBuffer(num_envs * per_env, num_envs, torch.device(storage), torch.device(device), 0.99, alpha, eps)
     rng = np.random.default_rng(0)
     expected = np.zeros((num_envs, per_env))  # the oracle's priority per slot
-    tags = np.full((num_envs, per_env), -1.0)  # what each slot holds: its reward, unique per (step, env)
+    tags = np.full((num_envs, per_env), -1)  # what each slot holds: its action, unique per (step, env)
     firsts = np.zeros((num_envs, per_env), dtype=bool)
     max_priority, pending = 1.0, None
     torch.manual_seed(0)
@@ -172,9 +172,9 @@ def test_priorities_follow_their_slots_through_every_wrap(storage, device):
             expected.reshape(-1)[idx] = p
             max_priority = max(max_priority, p.max())
         first = (rng.random(num_envs) < 0.15) | (t == 0)
-        tag = t * num_envs + np.arange(num_envs, dtype=np.float64)
+        tag = t * num_envs + np.arange(num_envs)
         frames = np.broadcast_to((tag % 251).astype(np.uint8)[:, None, None], (num_envs, 84, 84)).copy()
-        rb.add(frames, (tag % 4).astype(np.int64), tag, np.zeros(num_envs), first)
+        rb.add(frames, tag, tag - 7.5, np.zeros(num_envs), np.zeros(num_envs), first)
         pos = t % per_env
         tags[:, pos], firsts[:, pos] = tag, first
         expected[:, pos] = np.where(first, 0.0, max_priority)
@@ -190,10 +190,10 @@ def test_priorities_follow_their_slots_through_every_wrap(storage, device):
         assert batch.indices.device.type == storage and batch.weights.device.type == device
         idx = batch.indices.cpu().numpy()
         assert (expected.reshape(-1)[idx] > 0).all()  # only sampleable slots are drawn
-        np.testing.assert_array_equal(batch.rewards.cpu().numpy(), tags.reshape(-1)[idx])  # the slot's contents
-        np.testing.assert_array_equal(batch.actions.cpu().numpy(), tags.reshape(-1)[idx] % 4)
+        np.testing.assert_array_equal(batch.actions.cpu().numpy(), tags.reshape(-1)[idx])  # the slot's contents
+        np.testing.assert_array_equal(batch.rewards.cpu().numpy(), np.sign(tags.reshape(-1)[idx] - 7.5))  # clipped
         assert (batch.next_observations[:, -1, 0, 0].cpu().numpy() == tags.reshape(-1)[idx] % 251).all()
-        td = batch.rewards * 0.01 - 0.2  # a TD error that depends on what the row holds: wrong slot, wrong value
+        td = batch.actions * 0.01 - 0.2  # a TD error that depends on what the row holds: wrong slot, wrong value
         rb.update_priorities(batch.indices, td)
         np.testing.assert_array_equal(rb.tree.leaves(torch.arange(num_envs * per_env, device=storage)).cpu().numpy(),
                                       leaves)  # deferred: the tree is untouched until it is next used
@@ -218,10 +218,10 @@ def test_adam_steps_follow_the_gradients_not_its_epsilon(name):
     rng = np.random.default_rng(0)
     n = 512
     prioritized = name == "dqn_atari_dueling_per"
-    rb = script.ReplayBuffer(n + 1, 1, torch.device("cpu"), torch.device("cpu"))
+    rb = script.ReplayBuffer(n + 1, 1, torch.device("cpu"), torch.device("cpu"), args.gamma)
     for i in range(n + 1):
         rb.add(rng.integers(0, 256, (1, 84, 84), dtype=np.uint8), rng.integers(0, 4, 1),
-               (rng.random(1) < 0.05).astype(np.float32), np.zeros(1), np.array([i == 0]))
+               (rng.random(1) < 0.05).astype(np.float32), np.zeros(1), np.zeros(1), np.array([i == 0]))
     if prioritized:
         rb.update_priorities(torch.arange(1, n + 1), torch.logspace(-6, 0, n, dtype=torch.float64))
     q_network = script.QNetwork(n_actions=4)
@@ -229,10 +229,9 @@ def test_adam_steps_follow_the_gradients_not_its_epsilon(name):
     optimizer = script.make_optimizer(q_network, args)  # as main() builds it
     for _ in range(50):
         if prioritized:
-            script.train_step(q_network, target_network, optimizer, rb, rb.sample(32, beta=1.0), args.gamma,
-                              args.max_grad_norm)
+            script.train_step(q_network, target_network, optimizer, rb, rb.sample(32, beta=1.0), args.max_grad_norm)
         else:
-            script.train_step(q_network, target_network, optimizer, rb.sample(32), args.gamma)
+            script.train_step(q_network, target_network, optimizer, rb.sample(32))
     eps = optimizer.param_groups[0]["eps"]
     shares = []  # per element: the share of Adam's denominator that is the gradient's RMS, not eps
     for param in q_network.parameters():

@@ -236,6 +236,19 @@ def linear_schedule(start_e: float, end_e: float, duration: int, t: int) -> floa
     return start_e + (end_e - start_e) * t / duration
 
 
+def epsilon_greedy(q_network: nn.Module, obs: np.ndarray, epsilon: float, n_actions: int, rng: np.random.Generator,
+                   device: torch.device) -> np.ndarray:
+    """A random action with probability epsilon, else argmax_a Q(s, a), per env (Mnih et al. 2015, Alg. 1); for
+    training, evaluation and --play. The network runs only if some env acts greedily."""
+    explore = rng.random(len(obs)) < epsilon
+    actions = rng.integers(n_actions, size=len(obs))
+    if explore.all():
+        return actions
+    with torch.inference_mode():
+        q_values = q_network(torch.from_numpy(obs).to(device))  # (N, n_actions)
+    return np.where(explore, actions, q_values.argmax(dim=1).cpu().numpy())  # sync point: the env needs host actions
+
+
 def passed_multiple(frequency: int, global_step: int, num_envs: int) -> bool:
     """Whether the last vector step (num_envs env steps, ending at global_step) passed a multiple of `frequency`
     (0: never): periodic work keeps its schedule whatever num_envs is."""
@@ -263,6 +276,16 @@ class QNetwork(nn.Module):
         return self.value(features) + advantage - advantage.mean(dim=1, keepdim=True)
 
 
+def td_terms(q_network: nn.Module, target_network: nn.Module,
+             data: "Batch") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The one TD computation, for learning and for the held-out curves: the TD target y (B,), Q(s, .) (B, A) and
+    Q(s, a) (B,) of the actions taken."""
+    td_target = compute_td_target(q_network, target_network, data.rewards, data.next_observations, data.dones,
+                                  data.discounts)
+    q_values = q_network(data.observations)  # (B, n_actions)
+    return td_target, q_values, q_values.gather(1, data.actions[:, None]).squeeze(1)
+
+
 def compute_td_target(q_network: nn.Module, target_network: nn.Module, rewards: torch.Tensor,
                       next_observations: torch.Tensor, dones: torch.Tensor, discounts: torch.Tensor) -> torch.Tensor:
     """y = r + gamma * Q_target(s', argmax_a' Q(s', a')), cut at a termination or life loss (van Hasselt et al. 2016,
@@ -274,14 +297,10 @@ def compute_td_target(q_network: nn.Module, target_network: nn.Module, rewards: 
         return rewards + discounts * target_values * (1 - dones)
 
 
-def td_terms(q_network: nn.Module, target_network: nn.Module,
-             data: "Batch") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The one TD computation, for learning and for the held-out curves: the TD target y (B,), Q(s, .) (B, A) and
-    Q(s, a) (B,) of the actions taken."""
-    td_target = compute_td_target(q_network, target_network, data.rewards, data.next_observations, data.dones,
-                                  data.discounts)
-    q_values = q_network(data.observations)  # (B, n_actions)
-    return td_target, q_values, q_values.gather(1, data.actions[:, None]).squeeze(1)
+def make_network(n_actions: int, device: torch.device, args: Args) -> QNetwork:
+    """The Q-network on its device, conv weights channels-last if asked (faster CPU kernels): training and --play."""
+    memory_format = torch.channels_last if args.channels_last else torch.preserve_format
+    return QNetwork(n_actions).to(device, memory_format=memory_format)
 
 
 def make_optimizer(q_network: nn.Module, args: Args) -> torch.optim.Optimizer:
@@ -531,12 +550,7 @@ def evaluate(q_network: nn.Module, game: str, sticky: float, max_frames: int, ep
     returns, lengths, finished = np.zeros(episodes), np.zeros(episodes), np.zeros(episodes, dtype=bool)
     video_in_sync = True
     while not finished.all() and not stop():
-        with torch.inference_mode():
-            q_values = q_network(torch.from_numpy(obs).to(device))
-        actions = q_values.argmax(dim=1).cpu().numpy()  # sync point: the env needs host actions
-        actions = np.where(rng.random(episodes) < epsilon, rng.integers(envs.single_action_space.n, size=episodes),
-                           actions)
-        actions = games.act(actions)
+        actions = games.act(epsilon_greedy(q_network, obs, epsilon, envs.single_action_space.n, rng, device))
         obs, rewards, terminations, truncations, infos = envs.step(actions)
         if video_env and not finished[0]:
             video_obs, video_rewards, *_ = video_env.step(actions[:1])
@@ -570,10 +584,9 @@ class RunState:
     the exploration RNG, counters, the held-out transitions and the best and last evaluation returns."""
 
     def __init__(self, args: Args, n_actions: int, device: torch.device):
-        memory_format = torch.channels_last if args.channels_last else torch.preserve_format
-        self.q_network = QNetwork(n_actions).to(device, memory_format=memory_format)
+        self.q_network = make_network(n_actions, device, args)
         self.optimizer = make_optimizer(self.q_network, args)
-        self.target_network = QNetwork(n_actions).to(device, memory_format=memory_format)
+        self.target_network = make_network(n_actions, device, args)
         self.target_network.load_state_dict(self.q_network.state_dict())
         self.rng = np.random.default_rng(args.seed)  # exploration
         self.n_actions, self.device = n_actions, device
@@ -608,9 +621,9 @@ class RunState:
         load_weights(self.target_network, state["target_model"], path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.global_step, self.n_updates = state["global_step"], state["n_updates"]
-        self.n_target_syncs, self.best_eval, self.last_eval = state["n_target_syncs"], state["best_eval"], state.get(
-            "last_eval")  # absent from checkpoints written before summary.json existed
-        self.eval_due = state.get("eval_due", False)  # absent from checkpoints written before it existed
+        self.n_target_syncs, self.best_eval, self.last_eval = (state["n_target_syncs"], state["best_eval"],
+                                                                state["last_eval"])
+        self.eval_due = state["eval_due"]
         if state["held_out"] is not None:
             self.held_out = Batch(**{k: t.to(self.device) for k, t in state["held_out"].items()})
         self.rng.bit_generator.state = state["numpy_rng"]
@@ -669,19 +682,18 @@ def main(args: Args) -> None:
                 held_out = (held_out_stats(run.q_network, run.target_network, run.held_out)
                             if run.held_out is not None else None)
                 log.evaluation(returns, held_out, time.time() - started)
+                run.last_eval, run.eval_due = float(returns.mean()), False
+                if run.last_eval > run.best_eval:
+                    run.best_eval = run.last_eval
+                    files.save_model("best_model.pt", run)
             if run.global_step >= args.total_timesteps:
                 break
             # ALGO LOGIC: epsilon-greedy action (Mnih et al. 2015, Alg. 1)
             epsilon = linear_schedule(args.start_e, args.end_e, int(args.exploration_fraction * args.total_timesteps),
                                       run.global_step)
             beta = linear_schedule(args.prioritized_replay_beta0, 1.0, args.total_timesteps, run.global_step)  # IS exp.
-            explore = run.rng.random(args.num_envs) < epsilon
-            actions = run.rng.integers(n_actions, size=args.num_envs)
-            if not explore.all():
-                with torch.inference_mode():
-                    q_values = run.q_network(torch.from_numpy(obs).to(device))
-                actions = np.where(explore, actions, q_values.argmax(dim=1).cpu().numpy())  # sync point: host actions
-            actions = games.act(actions)  # the serve after a life loss (FIRE or NOOP): a new life's first step
+            # the serve after a life loss (FIRE or NOOP) replaces the agent's action: a new life's first step
+            actions = games.act(epsilon_greedy(run.q_network, obs, epsilon, n_actions, run.rng, device))
 
             # TRY NOT TO MODIFY: the envs step in ale-py's threads while the learner trains below; recv() waits
             envs.send(actions)
@@ -1048,10 +1060,6 @@ class Log:
             self.writer.add_scalar("eval/avg_max_q", held_out[0], step)
             self.writer.add_scalar("eval/td_error", held_out[1], step)
         print(("\n" if self.is_tty else "") + f"step {step}: eval return {returns.mean():.2f} +- {returns.std():.2f}")
-        self.run.last_eval, self.run.eval_due = float(returns.mean()), False
-        if returns.mean() > self.run.best_eval:
-            self.run.best_eval = float(returns.mean())
-            self.files.save_model("best_model.pt", self.run)
 
     def progress(self, epsilon: float) -> None:
         if not self.is_tty or time.time() - self.last_print <= 0.5:
@@ -1179,8 +1187,7 @@ def reset_on_delivery(signum: int) -> None:
 def play(args: Args, game: str, sticky: float, n_actions: int, device: torch.device) -> None:
     """--play: evaluate a saved model (ours, a checkpoint, or a bare state_dict as CleanRL saves and publishes)."""
     state = load_checkpoint(args.play, args.env_id, n_actions, play=True)
-    memory_format = torch.channels_last if args.channels_last else torch.preserve_format
-    q_network = QNetwork(n_actions).to(device, memory_format=memory_format)
+    q_network = make_network(n_actions, device, args)
     load_weights(q_network, state["model"], args.play)
     video_path = None
     if args.capture_video:

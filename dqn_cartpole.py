@@ -110,8 +110,6 @@ class Args:
 
 
 LOG_EVERY = 100  # gradient updates between loss/Q logs and non-finite checks (each is one CPU-GPU sync)
-COLUMNS = ("action", "reward", "done")  # the float32 columns a replay row stores after its obs and next obs
-ACTION, REWARD, DONE = range(-len(COLUMNS), 0)  # counted from the row's end: -3, -2, -1
 RUN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=+-]*")
 
 
@@ -150,6 +148,19 @@ def linear_schedule(start_e: float, end_e: float, duration: int, t: int) -> floa
     return start_e + (end_e - start_e) * t / duration
 
 
+def epsilon_greedy(q_network: nn.Module, obs: np.ndarray, epsilon: float, n_actions: int, rng: np.random.Generator,
+                   device: torch.device) -> np.ndarray:
+    """A random action with probability epsilon, else argmax_a Q(s, a), per env (Mnih et al. 2015, Alg. 1); for
+    training, evaluation and --play. The network runs only if some env acts greedily."""
+    explore = rng.random(len(obs)) < epsilon
+    actions = rng.integers(n_actions, size=len(obs))
+    if explore.all():
+        return actions
+    with torch.inference_mode():
+        q_values = q_network(torch.as_tensor(obs, dtype=torch.float32, device=device))  # (N, n_actions)
+    return np.where(explore, actions, q_values.argmax(dim=1).cpu().numpy())  # sync point: the env needs host actions
+
+
 def passed_multiple(frequency: int, global_step: int, num_envs: int) -> bool:
     """Whether the last vector step (num_envs env steps, ending at global_step) passed a multiple of `frequency`
     (0: never): periodic work keeps its schedule whatever num_envs is."""
@@ -171,20 +182,26 @@ class QNetwork(nn.Module):
         return self.network(x)  # (B, obs_dim) -> (B, n_actions)
 
 
-def compute_td_target(target_network: nn.Module, rewards: torch.Tensor, next_observations: torch.Tensor,
-                      dones: torch.Tensor, gamma: float) -> torch.Tensor:
-    """y = r + gamma * max_a' Q_target(s', a'), cut at a true termination (Mnih et al. 2015, Algorithm 1)."""
-    with torch.no_grad():
-        target_max = target_network(next_observations).max(dim=1).values  # (B,)
-        return rewards + gamma * target_max * (1 - dones)
-
-
-def td_terms(q_network: nn.Module, target_network: nn.Module, data: "Batch",
-             gamma: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def td_terms(q_network: nn.Module, target_network: nn.Module,
+             data: "Batch") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The one TD computation: the TD target y (B,), Q(s, .) (B, A) and Q(s, a) (B,) of the actions taken."""
-    td_target = compute_td_target(target_network, data.rewards, data.next_observations, data.dones, gamma)
+    td_target = compute_td_target(target_network, data.rewards, data.next_observations, data.dones, data.discounts)
     q_values = q_network(data.observations)  # (B, n_actions)
     return td_target, q_values, q_values.gather(1, data.actions[:, None]).squeeze(1)
+
+
+def compute_td_target(target_network: nn.Module, rewards: torch.Tensor, next_observations: torch.Tensor,
+                      dones: torch.Tensor, discounts: torch.Tensor) -> torch.Tensor:
+    """y = r + gamma * max_a' Q_target(s', a'), cut at a true termination (Mnih et al. 2015, Algorithm 1); gamma is
+    the batch's discount."""
+    with torch.no_grad():
+        target_max = target_network(next_observations).max(dim=1).values  # (B,)
+        return rewards + discounts * target_max * (1 - dones)
+
+
+def make_network(obs_dim: int, n_actions: int, hidden_sizes: tuple[int, ...], device: torch.device) -> QNetwork:
+    """The Q-network on its device: training and --play."""
+    return QNetwork(obs_dim, n_actions, hidden_sizes).to(device)
 
 
 def make_optimizer(q_network: nn.Module, args: Args) -> torch.optim.Optimizer:
@@ -199,10 +216,10 @@ def update_target(target_network: nn.Module, q_network: nn.Module, tau: float) -
             target_param.copy_(param) if tau == 1.0 else target_param.lerp_(param, tau)
 
 
-def train_step(q_network: nn.Module, target_network: nn.Module, optimizer: torch.optim.Optimizer, data: "Batch",
-               gamma: float) -> torch.Tensor:
+def train_step(q_network: nn.Module, target_network: nn.Module, optimizer: torch.optim.Optimizer,
+               data: "Batch") -> torch.Tensor:
     """One gradient step on a batch; returns (td_loss, mean Q) as a (2,) tensor on the device, without a host sync."""
-    td_target, _, q_taken = td_terms(q_network, target_network, data, gamma)
+    td_target, _, q_taken = td_terms(q_network, target_network, data)
     loss = F.mse_loss(td_target, q_taken)  # (y - Q(s, a))^2: CleanRL's MSE, not the paper's clipped error
     optimizer.zero_grad()
     loss.backward()
@@ -216,45 +233,59 @@ class Batch(NamedTuple):
     rewards: torch.Tensor  # (B,) float32
     next_observations: torch.Tensor  # (B, obs_dim) float32
     dones: torch.Tensor  # (B,) float32, 1 only for a true termination (truncation bootstraps)
+    discounts: torch.Tensor  # (B,) float32: gamma, the discount of the bootstrap one step ahead
 
 
 class ReplayBuffer:
-    """Preallocated ring buffer on `device`, one float32 row per transition: obs, next obs, then COLUMNS.
+    """Preallocated ring buffer on `device`, one slot per transition in named, typed fields: obs, next obs, action,
+    reward, termination.
 
-    One row per transition makes an add one slice write and a sample one gather (no deque of tuples). A flat
+    A slot per transition makes an add one slice write per field and a sample one gather (no deque of tuples). A flat
     observation is a few floats, so storing next_obs beside obs is cheaper than rebuilding it and keeps the real final
-    observation of a truncated episode (NEXT_STEP autoreset replaces it in the env's next obs).
-    Memory: (2 * obs_dim + 3) * 4 bytes per transition; CartPole: 44 bytes, 2.2 MB at 50k.
+    observation of a truncated episode (NEXT_STEP autoreset replaces it in the env's next obs). Transitions of all envs
+    are interleaved, so an n-step fork would store each env's steps in order, as dqn_atari.py's replay does.
+    Memory: 2 * obs_dim * 4 + 8 + 4 + 1 bytes per transition; CartPole: 45 bytes, 2.25 MB at 50k.
     """
 
-    def __init__(self, capacity: int, obs_dim: int, device: torch.device):
-        self.capacity, self.obs_dim, self.device, self.pos, self.size = capacity, obs_dim, device, 0, 0
-        self.rows = torch.zeros((capacity, 2 * obs_dim + len(COLUMNS)), dtype=torch.float32, device=device)
+    FIELDS = ("observations", "next_observations", "actions", "rewards", "terminations")  # one value per slot each
 
-    def add(self, obs: np.ndarray, next_obs: np.ndarray, actions: np.ndarray, rewards: np.ndarray, dones: np.ndarray):
+    def __init__(self, capacity: int, obs_dim: int, device: torch.device, gamma: float):
+        self.capacity, self.obs_dim, self.device, self.gamma = capacity, obs_dim, device, gamma
+        self.pos, self.size = 0, 0  # the next slot written, and how many hold a transition
+        self.observations = torch.zeros((capacity, obs_dim), dtype=torch.float32, device=device)
+        self.next_observations = torch.zeros((capacity, obs_dim), dtype=torch.float32, device=device)
+        self.actions = torch.zeros(capacity, dtype=torch.int64, device=device)
+        self.rewards = torch.zeros(capacity, dtype=torch.float32, device=device)
+        self.terminations = torch.zeros(capacity, dtype=torch.bool, device=device)
+
+    def add(self, obs: np.ndarray, next_obs: np.ndarray, actions: np.ndarray, rewards: np.ndarray,
+            terminations: np.ndarray) -> None:
         """Adds k transitions (numpy arrays with a leading k axis), overwriting the oldest once full."""
-        columns = np.stack([actions, rewards, dones], axis=1)  # (k, 3): COLUMNS
-        rows = np.concatenate([obs, next_obs, columns], axis=1, dtype=np.float32)  # (k, 2 * obs_dim + 3)
-        rows = torch.from_numpy(rows).to(self.device)
-        k = len(rows)
-        first = min(k, self.capacity - self.pos)  # rows that fit before the ring wraps; the rest go to the front
-        self.rows[self.pos : self.pos + first] = rows[:first]
-        self.rows[: k - first] = rows[first:]
+        k = len(obs)
+        first = min(k, self.capacity - self.pos)  # slots that fit before the ring wraps; the rest go to the front
+        for name, values in zip(self.FIELDS, (obs, next_obs, actions, rewards, terminations)):
+            field, values = getattr(self, name), torch.from_numpy(values).to(self.device)
+            field[self.pos : self.pos + first] = values[:first]
+            field[: k - first] = values[first:]
         self.pos = (self.pos + k) % self.capacity
         self.size = min(self.size + k, self.capacity)
 
     def sample(self, batch_size: int) -> Batch:
-        rows = self.rows[torch.randint(self.size, (batch_size,), device=self.device)]  # (B, 2 * obs_dim + 3)
-        d = self.obs_dim
-        return Batch(rows[:, :d], rows[:, ACTION].long(), rows[:, REWARD], rows[:, d : 2 * d], rows[:, DONE])
+        i = torch.randint(self.size, (batch_size,), device=self.device)  # (B,) uniform over stored transitions
+        rewards = self.rewards[i]
+        return Batch(self.observations[i], self.actions[i], rewards, self.next_observations[i],
+                     self.terminations[i].float(), torch.full_like(rewards, self.gamma))
 
     def state_dict(self) -> dict:
-        return {"pos": self.pos, "size": self.size, "rows": self.rows.cpu()}
+        return {**{name: getattr(self, name).cpu() for name in self.FIELDS}, "pos": self.pos, "size": self.size}
 
     def load_state_dict(self, state: Optional[dict]) -> None:
-        if not isinstance(state, dict) or getattr(state.get("rows"), "shape", None) != self.rows.shape:
-            fail("the checkpoint's replay buffer has another --buffer-size or observation size; resume with the same")
-        self.rows.copy_(state["rows"])
+        if not isinstance(state, dict) or any(getattr(state.get(name), "shape", None) != getattr(self, name).shape
+                                              for name in self.FIELDS):
+            fail("the checkpoint's replay buffer has another --buffer-size or observation size, or an earlier "
+                 "version's layout; resume with the same flags, or start a new run")
+        for name in self.FIELDS:
+            getattr(self, name).copy_(state[name])
         self.pos, self.size = state["pos"], state["size"]
 
 
@@ -273,11 +304,7 @@ def evaluate(q_network: nn.Module, env_id: str, episodes: int, epsilon: float, s
     while not finished.all() and not stop():
         if video_path is not None and not finished[0]:
             frames.append(envs.envs[0].render())
-        with torch.inference_mode():
-            q_values = q_network(torch.as_tensor(obs, dtype=torch.float32, device=device))
-        actions = q_values.argmax(dim=1).cpu().numpy()  # sync point: the env needs host actions
-        actions = np.where(rng.random(episodes) < epsilon, rng.integers(envs.single_action_space.n, size=episodes),
-                           actions)
+        actions = epsilon_greedy(q_network, obs, epsilon, envs.single_action_space.n, rng, device)
         obs, rewards, terminations, truncations, _ = envs.step(actions)
         returns += rewards * ~finished  # an env that already finished has autoreset: ignore its new episode
         finished |= terminations | truncations
@@ -292,9 +319,9 @@ class RunState:
     the exploration RNG, counters and the best and last evaluation returns."""
 
     def __init__(self, args: Args, obs_dim: int, n_actions: int, device: torch.device):
-        self.q_network = QNetwork(obs_dim, n_actions, args.hidden_sizes).to(device)
+        self.q_network = make_network(obs_dim, n_actions, args.hidden_sizes, device)
         self.optimizer = make_optimizer(self.q_network, args)
-        self.target_network = QNetwork(obs_dim, n_actions, args.hidden_sizes).to(device)
+        self.target_network = make_network(obs_dim, n_actions, args.hidden_sizes, device)
         self.target_network.load_state_dict(self.q_network.state_dict())
         self.rng = np.random.default_rng(args.seed)  # exploration
         self.n_actions, self.device = n_actions, device
@@ -325,9 +352,9 @@ class RunState:
         load_weights(self.target_network, state["target_model"], path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.global_step, self.n_updates = state["global_step"], state["n_updates"]
-        self.n_target_syncs, self.best_eval, self.last_eval = state["n_target_syncs"], state["best_eval"], state.get(
-            "last_eval")  # absent from checkpoints written before summary.json existed
-        self.eval_due = state.get("eval_due", False)  # absent from checkpoints written before it existed
+        self.n_target_syncs, self.best_eval, self.last_eval = (state["n_target_syncs"], state["best_eval"],
+                                                                state["last_eval"])
+        self.eval_due = state["eval_due"]
         self.rng.bit_generator.state = state["numpy_rng"]
         torch.set_rng_state(state["torch_rng"])
 
@@ -348,7 +375,7 @@ def main(args: Args) -> None:
         run = RunState(args, obs_dim, n_actions, device)
         if checkpoint:
             restore(run, checkpoint, args)
-        rb = ReplayBuffer(args.buffer_size, obs_dim, device)
+        rb = ReplayBuffer(args.buffer_size, obs_dim, device, args.gamma)
         if checkpoint:
             rb.load_state_dict(checkpoint.get("replay_buffer"))
         envs = gym.vector.SyncVectorEnv([make_env(args.env_id, args.seed + run.global_step + i)
@@ -372,6 +399,10 @@ def main(args: Args) -> None:
                 if stop:  # a signal cut the evaluation short: it stays due, and a resumed run does it first
                     break
                 log.evaluation(returns, time.time() - started)
+                run.last_eval, run.eval_due = float(returns.mean()), False
+                if run.last_eval > run.best_eval:
+                    run.best_eval = run.last_eval
+                    files.save_model("best_model.pt", run)
                 if args.goal_score is not None and returns.mean() >= args.goal_score:
                     log.goal_reached(returns.mean())
                     break
@@ -380,12 +411,7 @@ def main(args: Args) -> None:
             # ALGO LOGIC: epsilon-greedy action (Mnih et al. 2015, Alg. 1)
             epsilon = linear_schedule(args.start_e, args.end_e, int(args.exploration_fraction * args.total_timesteps),
                                       run.global_step)
-            explore = run.rng.random(args.num_envs) < epsilon
-            actions = run.rng.integers(n_actions, size=args.num_envs)
-            if not explore.all():
-                with torch.inference_mode():
-                    q_values = run.q_network(torch.from_numpy(obs).to(device))
-                actions = np.where(explore, actions, q_values.argmax(dim=1).cpu().numpy())  # sync point: host actions
+            actions = epsilon_greedy(run.q_network, obs, epsilon, n_actions, run.rng, device)
 
             # TRY NOT TO MODIFY: execute the game and log data.
             next_obs, rewards, terminations, truncations, _ = envs.step(actions)
@@ -406,7 +432,7 @@ def main(args: Args) -> None:
                     continue
                 if step % args.train_frequency == 0:
                     data = rb.sample(args.batch_size)
-                    log.update(train_step(run.q_network, run.target_network, run.optimizer, data, args.gamma), step)
+                    log.update(train_step(run.q_network, run.target_network, run.optimizer, data), step)
                     run.n_updates += 1
                     if run.n_updates % LOG_EVERY == 0:
                         bad_step = log.read_updates(step, epsilon)  # sync point: once per LOG_EVERY updates
@@ -697,10 +723,6 @@ class Log:
         self.eval_seconds += seconds
         self.writer.add_scalar("eval/episodic_return", returns.mean(), step)
         print(("\n" if self.is_tty else "") + f"step {step}: eval return {returns.mean():.2f} +- {returns.std():.2f}")
-        self.run.last_eval, self.run.eval_due = float(returns.mean()), False
-        if returns.mean() > self.run.best_eval:
-            self.run.best_eval = float(returns.mean())
-            self.files.save_model("best_model.pt", self.run)
 
     def goal_reached(self, eval_mean: float) -> None:
         self.goal_reached_step, self.goal_reached_s = self.run.global_step, time.time() - self.start_time
@@ -836,7 +858,7 @@ def reset_on_delivery(signum: int) -> None:
 def play(args: Args, obs_dim: int, n_actions: int, device: torch.device) -> None:
     """--play: evaluate a saved model (ours, a checkpoint, or a bare state_dict as CleanRL saves and publishes)."""
     state = load_checkpoint(args.play, args.env_id, n_actions, play=True)
-    q_network = QNetwork(obs_dim, n_actions, tuple(state["hidden_sizes"])).to(device)
+    q_network = make_network(obs_dim, n_actions, tuple(state["hidden_sizes"]), device)
     load_weights(q_network, state["model"], args.play)
     video_path = None
     if args.capture_video:

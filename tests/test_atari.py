@@ -74,6 +74,29 @@ def test_tiny_buffer_keeps_a_stack_per_env(dqn):
     assert rb.per_env == 6  # ceil(10 / 8) = 2 slots could not hold a 4-frame stack and a transition
 
 
+class FixedQ(torch.nn.Module):
+    """Q-values that prefer action 2 in every state; counts its calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return torch.tensor([0.0, 1.0, 3.0, 2.0]).expand(len(x), 4)
+
+
+def test_epsilon_greedy_explores_with_probability_epsilon_else_takes_the_argmax(dqn):
+    q_network, rng, obs = FixedQ(), np.random.default_rng(0), np.zeros((4000, 1), dtype=np.uint8)
+    act = lambda epsilon: dqn.epsilon_greedy(q_network, obs, epsilon, 4, rng, torch.device("cpu"))  # noqa: E731
+    assert (act(0.0) == 2).all()
+    calls = q_network.calls
+    random_actions = act(1.0)
+    assert q_network.calls == calls  # all envs explore: the network is not run
+    assert np.bincount(random_actions, minlength=4).min() > 900  # uniform over the 4 actions
+    assert abs((act(0.2) != 2).mean() - 0.2 * 3 / 4) < 0.02  # a random action is the greedy one 1/4 of the time
+
+
 class Recorder:
     """Wraps the script's training env and keeps every obs, action, reward and flag it returned, step by step."""
 

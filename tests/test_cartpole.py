@@ -24,18 +24,19 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # ---------------------------------------------------------------- pieces
 @pytest.mark.parametrize("device", DEVICES)
 def test_replay_buffer_add_sample_and_wrap_around(device):
-    rb = dqn.ReplayBuffer(capacity=5, obs_dim=3, device=torch.device(device))
+    rb = dqn.ReplayBuffer(capacity=5, obs_dim=3, device=torch.device(device), gamma=0.99)
     obs = np.arange(7 * 3, dtype=np.float32).reshape(7, 3)
     rb.add(obs[:4], obs[:4] + 100, np.arange(4), np.arange(4) * 0.5, np.array([0, 1, 0, 0], dtype=bool))
     assert (rb.pos, rb.size) == (4, 4)
     rb.add(obs[4:], obs[4:] + 100, np.arange(4, 7), np.arange(4, 7) * 0.5, np.zeros(3, dtype=bool))
     # 7 transitions into 5 slots: rows 5 and 6 overwrote the two oldest (0 and 1), in ring order.
     assert (rb.pos, rb.size) == (2, 5)
-    assert rb.rows[:, -3].tolist() == [5, 6, 2, 3, 4]  # the action column
-    assert torch.equal(rb.rows[0, :3].cpu(), torch.tensor(obs[5]))
-    assert rb.rows[:, -1].tolist() == [0, 0, 0, 0, 0]  # the done of transition 1 left with it
+    assert rb.actions.tolist() == [5, 6, 2, 3, 4]
+    assert torch.equal(rb.observations[0].cpu(), torch.tensor(obs[5]))
+    assert rb.terminations.tolist() == [False] * 5  # the termination of transition 1 left with it
     data = rb.sample(64)
-    for field, dtype in zip(data, [torch.float32, torch.int64, torch.float32, torch.float32, torch.float32]):
+    for field, dtype in zip(data, [torch.float32, torch.int64, torch.float32, torch.float32, torch.float32,
+                                   torch.float32]):
         assert field.dtype == dtype and field.device.type == device and field.shape[0] == 64
     # every sampled row is one stored transition, fields aligned
     assert torch.equal(data.next_observations, data.observations + 100)
@@ -44,8 +45,8 @@ def test_replay_buffer_add_sample_and_wrap_around(device):
 
 
 def test_replay_buffer_never_samples_unwritten_rows():
-    rb = dqn.ReplayBuffer(capacity=100, obs_dim=1, device=torch.device("cpu"))
-    rb.add(np.ones((3, 1)), np.ones((3, 1)), np.array([7, 7, 7]), np.zeros(3), np.zeros(3))
+    rb = dqn.ReplayBuffer(capacity=100, obs_dim=1, device=torch.device("cpu"), gamma=0.99)
+    rb.add(np.ones((3, 1)), np.ones((3, 1)), np.array([7, 7, 7]), np.zeros(3), np.zeros(3, dtype=bool))
     assert set(rb.sample(1000).actions.tolist()) == {7}
 
 
@@ -73,7 +74,7 @@ def test_td_target_matches_hand_computation():
     next_obs = torch.tensor([[2.0, 1.0], [0.0, 3.0], [4.0, 4.0]])  # Q_target = [[2,1,1.5],[0,3,1.5],[4,4,4]]
     rewards = torch.tensor([1.0, -1.0, 0.5])
     dones = torch.tensor([0.0, 0.0, 1.0])
-    y = dqn.compute_td_target(target, rewards, next_obs, dones, gamma=0.9)
+    y = dqn.compute_td_target(target, rewards, next_obs, dones, discounts=torch.full((3,), 0.9))
     assert torch.allclose(y, torch.tensor([1.0 + 0.9 * 2, -1.0 + 0.9 * 3, 0.5]))
     assert not y.requires_grad
 
@@ -125,8 +126,9 @@ def test_reset_steps_are_not_stored_and_truncation_bootstraps(tmp_path, monkeypa
                       cuda=False, checkpoint_frequency=0))
     state = torch.load(tmp_path / "runs/count/checkpoint.pt", weights_only=True)
     n = state["replay_buffer"]["size"]
-    rows = state["replay_buffer"]["rows"][:n]
-    obs, next_obs, rewards, dones = rows[:, 0:2], rows[:, 2:4], rows[:, 5], rows[:, 6]
+    replay = {name: field[:n] for name, field in state["replay_buffer"].items() if torch.is_tensor(field)}
+    obs, next_obs, rewards, dones = (replay["observations"], replay["next_observations"], replay["rewards"],
+                                     replay["terminations"].float())
     # no stored transition crosses an episode boundary (that would be the reset step)
     assert torch.equal(next_obs[:, 0], obs[:, 0]) and torch.equal(next_obs[:, 1], obs[:, 1] + 1)
     assert torch.equal(rewards, next_obs[:, 1])

@@ -87,6 +87,27 @@ def bare_model(tmp_path, script):
     return path
 
 
+def earlier_checkpoint(tmp_path, script, replay_rows: bool = False):
+    """A checkpoint as an earlier version wrote it: no last_eval and eval_due (written before summary.json), or with
+    replay_rows=True, a replay buffer of float32 rows (before its fields were named and typed). No shim reads either."""
+    path, module = tmp_path / "earlier.pt", load_script(script)
+    args, cpu = module.Args(cuda=False), torch.device("cpu")
+    run = module.RunState(args, 4, 2, cpu) if script == "dqn_cartpole" else module.RunState(args, 4, cpu)
+    state = {"env_id": ENV[script], "n_actions": 2 if script == "dqn_cartpole" else 4, "run_name": "earlier",
+             **run.state_dict(), "replay_buffer": None}
+    if replay_rows:
+        state["replay_buffer"] = {"frames": torch.zeros(8, 125, 84, 84, dtype=torch.uint8),
+                                  "rows": torch.zeros(8, 125, 4), "pos": 0, "count": 0}
+    else:
+        del state["last_eval"], state["eval_due"]
+    torch.save(state, path)
+    return path
+
+
+def earlier_replay_checkpoint(tmp_path, script):
+    return earlier_checkpoint(tmp_path, script, replay_rows=True)
+
+
 COMMON_BAD = [
     (["--buffer-size", "16", "--batch-size", "32"], "--buffer-size (16) must be >= --batch-size (32)"),
     (["--buffer-size", "0"], "--buffer-size must be positive"),
@@ -125,6 +146,7 @@ COMMON_BAD = [
     (["--resume", foreign_network_checkpoint], "holds another network"),
     (["--resume", saved_model], "is a saved model, not a checkpoint"),
     (["--resume", bare_model], "is a saved model, not a checkpoint"),
+    (["--resume", earlier_checkpoint], "is not a complete checkpoint of this script (KeyError: 'last_eval')"),
 ]
 SCRIPT_BAD = {
     "dqn_cartpole": [
@@ -143,6 +165,8 @@ SCRIPT_BAD = {
         (["--num-envs", "100000"], "the largest --num-envs that fits beside --eval-episodes 10 is"),
         (["--eval-episodes", "100000"], "the largest --eval-episodes that fits is"),
         (["--play", "missing.pt", "--eval-episodes", "100000"], "the largest --eval-episodes that fits is"),
+        (["--resume", earlier_replay_checkpoint, "--buffer-size", "1000"],
+         "the checkpoint's replay buffer lacks fields of this script's"),
     ],
 }
 SCRIPT_BAD["dqn_atari_dueling_per"] = SCRIPT_BAD["dqn_atari"] + [

@@ -16,9 +16,9 @@ SCRIPTS = ["dqn_cartpole", "dqn_atari", "dqn_atari_dueling_per"]
 
 
 @functools.cache
-def load_script(name: str):
-    """Imports ROOT/{name}.py once (the scripts have no top-level side effects)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / f"{name}.py")
+def load_script(name: str, root: Path = ROOT):
+    """Imports {root}/{name}.py (the scripts have no top-level side effects)."""
+    spec = importlib.util.spec_from_file_location(name, Path(root) / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -35,14 +35,14 @@ def run_script(name: str, *args, cwd, timeout: float = 600, env: dict | None = N
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
-def run_main(name: str, *args, cwd) -> subprocess.CompletedProcess:
+def run_main(name: str, *args, cwd, root: Path = ROOT) -> subprocess.CompletedProcess:
     """Runs {name}.main() on the parsed flags inside this process, from cwd, with stdout and stderr captured; returns
     what run_script would (the exit code from SystemExit). It saves the interpreter start-up and the imports of torch,
     ale-py and TensorBoard, a few seconds a run; tests of the process itself (signals, kills, tracebacks, a terminal,
     environment variables) use run_script."""
     import tyro
 
-    module, out, err, code = load_script(name), io.StringIO(), io.StringIO(), 0
+    module, out, err, code = load_script(name, root), io.StringIO(), io.StringIO(), 0
     previous = os.getcwd()
     os.chdir(cwd)
     try:

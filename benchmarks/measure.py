@@ -8,7 +8,6 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Optional
 
-import cv2
 import numpy as np
 import torch
 import tyro
@@ -393,8 +392,8 @@ class PerCost:
     out: Optional[Path] = None  # the JSON file (default: results/per_cost.json, or per_cost_cuda.json with --cuda)
 
     def measure(self, device: torch.device, num_envs: int = 8) -> list[dict[str, Any]]:
-        """The sum tree alone, the full buffer (made full by setting its counters and priorities), and add of one
-        vector step of `num_envs` envs (the scripts' default)."""
+        """The sum tree alone, the full buffer (made full through its state_dict), and add of one vector step of
+        `num_envs` envs (the scripts' default)."""
         mod = load_script(PER_SCRIPT)
         torch.manual_seed(0)
         rows: list[dict[str, Any]] = []
@@ -409,16 +408,21 @@ class PerCost:
         tree = mod.SumTree(self.capacity, device)
         tree.set(torch.arange(self.capacity, device=device), priorities(self.capacity))
         for b in self.batch_sizes:
-            new = priorities(b)
-            time_it("tree", tree.size, b, lambda: tree.set(tree.sample(b), new))
-        del tree
+            time_it("tree", tree.size, b, lambda new=priorities(b): tree.set(tree.sample(b), new))
+        tree = None  # frees it before the full buffer
         if self.full_buffer:
             rb = mod.ReplayBuffer(self.capacity, num_envs, device, device, mod.Args().gamma)
-            rb.pos, rb.count = 0, rb.per_env  # full: every slot old enough to hold its whole stack
-            rb.tree.set(torch.arange(num_envs * rb.per_env, device=device), priorities(num_envs * rb.per_env))
-            oldest = (torch.arange(num_envs, device=device)[:, None] * rb.per_env
-                      + torch.arange(4, device=device)).ravel()
-            rb.tree.set(oldest, torch.zeros(len(oldest), dtype=torch.float64, device=device))  # not sampleable
+            # made full through its public checkpoint methods: every slot a transition, then random priorities
+            state = rb.state_dict()
+            state["firsts"].zero_()
+            state["count"] = rb.per_env
+            rb.load_state_dict(state)
+            slots = torch.arange(num_envs * rb.per_env, device=device)
+            rb.update_priorities(slots, priorities(len(slots)))
+            rb.apply_pending_priorities()
+            # the 4 oldest slots of each env lost frames of their stack to the ring: priority 0, as add() sets them
+            oldest = (torch.arange(num_envs, device=device)[:, None] * rb.per_env + torch.arange(4, device=device))
+            rb.tree.set(oldest.ravel(), torch.zeros(oldest.numel(), dtype=torch.float64, device=device))
             for b in self.batch_sizes:
                 td_errors = torch.randn(b, device=device)
                 time_it("buffer", rb.tree.size, b, lambda: rb.update_priorities(rb.sample(b, 0.4).indices, td_errors))
@@ -495,148 +499,8 @@ class CartpoleSolve:
                     "references": references_json(["cleanrl_cartpole_steps", "cleanrl_cartpole_seconds"])})
 
 
-def diagnose(path: Path, batches: int = 200) -> dict:
-    """The importance-sampling weights of `batches` batches the learner would sample at the checkpoint's step, and
-    Adam's sqrt(v_hat) against its eps (eps-dominated elements step by about lr * g / eps, not lr * m / sqrt(v_hat))."""
-    mod = load_script(PER_SCRIPT)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    args = mod.Args(**{k: v for k, v in state["args"].items() if k in mod.Args.__dataclass_fields__})
-    if state["replay_buffer"] is None:
-        raise SystemExit(f"{path} holds no replay buffer: write it with --checkpoint-buffer")
-    rb = mod.ReplayBuffer(args.buffer_size, args.num_envs, torch.device("cpu"), torch.device("cpu"), args.gamma,
-                          args.prioritized_replay_alpha, args.prioritized_replay_eps)
-    rb.load_state_dict(state["replay_buffer"])
-    step = state["global_step"]
-    beta = mod.linear_schedule(args.prioritized_replay_beta0, 1.0, args.total_timesteps, step)
-    torch.manual_seed(0)
-    weights = torch.cat([rb.sample(args.batch_size, beta).weights for _ in range(batches)]).numpy()  # at this step
-    eps = state["optimizer"]["param_groups"][0]["eps"]
-    rms = torch.cat([(s["exp_avg_sq"] / (1 - 0.999 ** float(s["step"]))).sqrt().flatten()  # sqrt(v_hat)
-                     for s in state["optimizer"]["state"].values()]).numpy()
-    return {"checkpoint": str(path), "global_step": step, "beta": beta, "adam_eps": eps,
-            "is_weight": {"mean": float(weights.mean()), "median": float(np.median(weights)),
-                          "min": float(weights.min()), "p_min": float(rb.tree.mins[1])},
-            "adam_sqrt_v_hat": {"median": float(np.median(rms)), "p90": float(np.percentile(rms, 90)),
-                                "p99": float(np.percentile(rms, 99)), "share_below_eps": float((rms < eps).mean()),
-                                "median_step_share": float(np.median(rms / (rms + eps)))}}
-
-
-@dataclass
-class PerDiagnose:
-    """PER importance weights and Adam's eps from checkpoints written with --checkpoint-buffer (issue #13)."""
-
-    checkpoints: tyro.conf.Positional[tuple[Path, ...]]  # checkpoint.pt files
-
-    def run(self) -> None:
-        for path in self.checkpoints:
-            d = diagnose(path)
-            w, a = d["is_weight"], d["adam_sqrt_v_hat"]
-            print(f"{path}: step {d['global_step']:,}, beta {d['beta']:.2f}: IS weight mean {w['mean']:.3f}, median "
-                  f"{w['median']:.3f}, min {w['min']:.4f} (p_min {w['p_min']:.2e}); Adam eps {d['adam_eps']:g}: "
-                  f"sqrt(v_hat) median {a['median']:.2e}, p90 {a['p90']:.2e}, p99 {a['p99']:.2e}, "
-                  f"{100 * a['share_below_eps']:.1f}% of elements below eps, median step share sqrt(v)/(sqrt(v)+eps) "
-                  f"{a['median_step_share']:.3f}")
-
-
-def policy_stats(script: str, path: Path, env_id: str, episodes: int, epsilon: float, seed: int,
-                 train_env: bool = False, serve: bool = True, frames: Optional[Path] = None) -> dict[str, Any]:
-    """A saved model's evaluation as the script runs it (full games, no-op starts, the serve), plus how often its
-    greedy choice is each action and, in Seaquest, the share of steps with the player's yellow sub at the surface
-    (read from a colour env replaying the same games): a hovering policy scores little in long games. train_env: the
-    training env (a life loss reported as terminated); serve=False: no FIRE after a lost life; frames: a PNG of game 0
-    every 150 steps (24 tiles, each with its step, score and lives). surface_dive_gap: at the surface, how far the
-    best action's Q-value stands above the best diving (DOWN*) action's, next to the Q-values' own size there."""
-    mod = load_script(script)
-    game, sticky = mod.atari_game(env_id)
-    n_actions = mod.count_actions(game, sticky, mod.Args.max_episode_frames)
-    q_network = mod.QNetwork(n_actions)
-    mod.load_weights(q_network, mod.load_checkpoint(str(path), env_id, n_actions, play=True)["model"], str(path))
-    envs = mod.make_env(game, episodes, sticky, mod.Args.max_episode_frames, train=train_env)
-    colour = mod.make_env(game, episodes, sticky, mod.Args.max_episode_frames, train=False, rgb=True)
-    rng, (obs, infos) = np.random.default_rng(seed), envs.reset(seed=seed)
-    image = colour.reset(seed=seed)[0][:, 0]
-    games = mod.Games(envs, infos, mod.Args.max_episode_frames)
-    returns, lengths, finished = np.zeros(episodes), np.zeros(episodes), np.zeros(episodes, dtype=bool)
-    greedy, steps, surface, tiles, t, gaps, top = np.zeros(n_actions), 0, 0, [], 0, [], []
-    names = [a.name for a in envs.ale.get_action_set()]
-    dive = [a for a, name in enumerate(names) if "DOWN" in name] if game == "seaquest" else []  # the sub's dives
-    while not finished.all():
-        t += 1
-        band = image[:, 44:56].astype(int)  # Seaquest: the rows the sub floats in at the surface
-        yellow = ((band[..., 0] > 150) & (band[..., 1] > 150) & (band[..., 2] < 100)).sum(axis=(1, 2)) > 10
-        with torch.inference_mode():
-            q = q_network(torch.from_numpy(obs))
-        actions, best, surfaced = q.argmax(dim=1).numpy(), q.max(dim=1).values.numpy(), yellow & ~finished
-        if dive:
-            gaps += (best - q[:, dive].max(dim=1).values.numpy())[surfaced].tolist()
-            top += best[surfaced].tolist()
-        greedy += np.bincount(actions[~finished], minlength=n_actions)
-        actions = np.where(rng.random(episodes) < epsilon, rng.integers(n_actions, size=episodes), actions)
-        actions = games.act(actions) if serve else actions
-        obs, rewards, terminations, truncations, infos = envs.step(actions)
-        returns += rewards * ~finished
-        steps, surface = steps + (~finished).sum(), surface + surfaced.sum()
-        image = colour.step(actions)[0][:, 0]
-        if frames and t % 150 == 0 and not finished[0] and len(tiles) < 24:
-            tiles.append(cv2.putText(image[0].copy(), f"{t} {returns[0]:.0f} L{infos['lives'][0]}", (4, 206), 0, 0.35,
-                                     (255, 255, 255)))
-        games.step(terminations, truncations, infos)
-        lengths[games.ended & ~finished] = games.length[games.ended & ~finished]
-        finished |= games.ended
-    if tiles:
-        tiles += [np.zeros_like(tiles[0])] * (-len(tiles) % 6)
-        grid = np.concatenate([np.concatenate(tiles[i:i + 6], axis=1) for i in range(0, len(tiles), 6)])
-        cv2.imwrite(str(frames), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
-    envs.close()
-    colour.close()
-    return {"model": str(path), "return_mean": float(returns.mean()), "return_std": float(returns.std()),
-            "returns": returns.tolist(), "length_mean_frames": float(lengths.mean()),
-            "greedy_share": {names[a]: round(float(g / greedy.sum()), 3) for a, g in enumerate(greedy) if g},
-            "surface_share": float(surface / steps) if game == "seaquest" else None,
-            "surface_dive_gap": {"median": float(np.median(gaps)), "p90": float(np.percentile(gaps, 90)),
-                                 "share_positive": float(np.mean(np.array(gaps) > 0)), "steps": len(gaps),
-                                 "max_q_median": float(np.median(top))}
-            if gaps else None}
-
-
-@dataclass
-class PolicyDiagnose:
-    """What saved Atari models do: score, game length, greedy action shares, Seaquest's time at the surface."""
-
-    models: tyro.conf.Positional[tuple[Path, ...]]  # best_model.pt / checkpoint.pt / a bare state_dict
-    env_id: str = "SeaquestNoFrameskip-v4"
-    script: str = ATARI_SCRIPTS[0]  # the script that trained them (its network)
-    episodes: int = 10
-    epsilon: float = 0.05
-    seed: int = 1_200_007
-    train_env: bool = False  # play in the training env (a life loss is `terminated`) instead of the evaluation's
-    serve: bool = True  # press FIRE on the step after a lost life, as the scripts do
-    out: Optional[Path] = None  # also write the results to this JSON file
-    frames: Optional[Path] = None  # a PNG of the first model's game 0, every 150 steps
-
-    def run(self) -> None:
-        results = []
-        for path in self.models:
-            d = policy_stats(self.script, path, self.env_id, self.episodes, self.epsilon, self.seed, self.train_env,
-                             self.serve, self.frames if path == self.models[0] else None)
-            top = sorted(d["greedy_share"].items(), key=lambda kv: -kv[1])[:4]
-            gap, surface = d["surface_dive_gap"], ""
-            if d["surface_share"] is not None:
-                surface = f", at the surface {100 * d['surface_share']:.0f}% of steps"
-            if gap:
-                surface += (f" (there: max Q - max diving Q median {gap['median']:.3f}, p90 {gap['p90']:.3f}, > 0 in "
-                            f"{100 * gap['share_positive']:.0f}%; max Q median {gap['max_q_median']:.2f})")
-            how = ", training env" * self.train_env + ", no serve" * (not self.serve)
-            print(f"{path}: {self.episodes} games at epsilon {self.epsilon}{how}: {d['return_mean']:.1f} +- "
-                  f"{d['return_std']:.1f}, mean length {d['length_mean_frames']:,.0f} frames{surface}; greedy "
-                  f"actions {', '.join(f'{k} {100 * v:.0f}%' for k, v in top)}", flush=True)
-            results.append(d)
-        if self.out:
-            write_json(self.out, {"config": asdict(self), "results": results})
-
-
 COMMANDS = {"sps": Sps, "update-cost": UpdateCost, "memory": Memory, "sb3-compare": Sb3Compare, "per-cost": PerCost,
-            "cartpole-solve": CartpoleSolve, "per-diagnose": PerDiagnose, "policy-diagnose": PolicyDiagnose}
+            "cartpole-solve": CartpoleSolve}
 
 if __name__ == "__main__":
     tyro.extras.subcommand_cli_from_dict(COMMANDS).run()

@@ -15,7 +15,6 @@ import threading
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 import torch
@@ -525,40 +524,3 @@ def test_replay_bytes_matches_the_scripts_bytes_needed(script):
 def test_update_cost_harness_takes_updates(script):
     result = measure.UpdateCost(script, capacity=64, iters=2).measure(warmup=1, blocks=2)
     assert result["iters"] == 2 and result["seconds_per_update"] > 0 and result["n_actions"] == 4
-
-
-def test_per_diagnose_reads_a_checkpoint(tmp_path):
-    import subprocess
-
-    subprocess.run([sys.executable, str(common.script_path("dqn_atari_dueling_per.py")), "--learning-starts", "10",
-                    "--total-timesteps", "40", "--buffer-size", "64", "--batch-size", "4", "--eval-episodes", "1",
-                    "--max-episode-frames", "400", "--checkpoint-buffer", "--run-name", "d", "--no-cuda"],
-                   cwd=tmp_path, check=True, capture_output=True)
-    d = measure.diagnose(tmp_path / "runs/d/checkpoint.pt", batches=5)
-    assert d["global_step"] == 40 and d["beta"] == 1.0 and d["adam_eps"] == 1e-8  # beta reaches 1 at the end
-    assert 0 < d["is_weight"]["min"] <= d["is_weight"]["mean"] <= 1
-    assert 0 <= d["adam_sqrt_v_hat"]["share_below_eps"] <= 1 and d["adam_sqrt_v_hat"]["p99"] > 0
-
-
-@pytest.mark.parametrize("script", common.ATARI_SCRIPTS)
-def test_policy_diagnose_plays_a_bare_state_dict(tmp_path, script):
-    mod = common.load_script(script)
-    torch.save(mod.QNetwork(18).state_dict(), tmp_path / "q_network.pth")  # as CleanRL publishes a model
-    d = measure.policy_stats(script, tmp_path / "q_network.pth", "SeaquestNoFrameskip-v4", episodes=1, epsilon=1.0,
-                             seed=3)
-    assert len(d["returns"]) == 1 and d["length_mean_frames"] > 0
-    assert sum(d["greedy_share"].values()) == pytest.approx(1, abs=0.01)
-    assert 0 < d["surface_share"] < 1  # each life starts at the surface; a random policy dives off it
-    gap = d["surface_dive_gap"]  # at the surface: max Q over all actions minus over the DOWN* ones, never negative
-    assert gap["steps"] > 0 and 0 <= gap["median"] <= gap["p90"] and 0 <= gap["share_positive"] <= 1
-    if script == common.ATARI_SCRIPTS[0]:  # life_loss_info changes the flags, not the game
-        same = measure.policy_stats(script, tmp_path / "q_network.pth", "SeaquestNoFrameskip-v4", episodes=1,
-                                    epsilon=1.0, seed=3, train_env=True, frames=tmp_path / "game0.png")
-        assert same["returns"] == d["returns"] and same["length_mean_frames"] == d["length_mean_frames"]
-        tiles = cv2.imread(str(tmp_path / "game0.png"))
-        assert tiles.shape[1] == 6 * 160 and tiles.shape[0] % 210 == 0  # rows of 6 full-size frames
-        torch.save(mod.QNetwork(4).state_dict(), tmp_path / "breakout.pth")  # a game without DOWN actions
-        other = measure.policy_stats(script, tmp_path / "breakout.pth", "BreakoutNoFrameskip-v4", episodes=1,
-                                     epsilon=1.0, seed=3)
-        assert other["length_mean_frames"] > 0 and other["surface_share"] is None
-        assert other["surface_dive_gap"] is None

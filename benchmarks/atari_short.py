@@ -31,6 +31,11 @@ PLAN: dict[str, dict[str, tuple[int, ...]]] = {  # env id -> script -> seeds
 # (benchmarks/RESULTS.md section 10)
 SB3_CELLS = (("BreakoutNoFrameskip-v4", 1), ("SeaquestNoFrameskip-v4", 1), ("SeaquestNoFrameskip-v4", 2),
              ("BreakoutNoFrameskip-v4", 2), ("BreakoutNoFrameskip-v4", 3))
+# The scripts' behaviour changed at commit 8c08bb3 (issue #22: the serve after a lost life is not a transition and
+# restarts the frame stack). Their cells recorded before it are in results/atari_short_before_issue22.json; the grids
+# of the new behaviour carry this suffix, so that no cell run before the change counts as done.
+GRID_SUFFIX = "_after_issue22"
+BIN = 25_000  # env steps per bin of the training-games curves
 BARS = {"BreakoutNoFrameskip-v4": 5.0}  # every seed must end at least this many times the random policy's return
 RANDOM = {"epsilon": 1.0, "episodes": 30, "seed": 12345}
 SB3_SETTINGS = dict(learning_rate=1e-4, buffer_size=100_000, learning_starts=20_000, batch_size=32, tau=1.0, gamma=0.99,
@@ -42,7 +47,8 @@ GAP_S = 300.0  # a pause longer than this between two logged updates is an inter
 
 def grid_spec(env_id: str) -> GridSpec:
     seeds = sorted({seed for seeds in PLAN[env_id].values() for seed in seeds})
-    return GridSpec(f"atari_short_{game_of(env_id).lower()}", tuple(PLAN[env_id]), (env_id,), tuple(seeds), PROTOCOL)
+    return GridSpec(f"atari_short_{game_of(env_id).lower()}{GRID_SUFFIX}", tuple(PLAN[env_id]), (env_id,),
+                    tuple(seeds), PROTOCOL)
 
 
 def wanted_cells(env_id: str) -> list[Cell]:
@@ -113,25 +119,73 @@ def table(data: dict[str, Any]) -> str:
                          "95% CI of IQM", "per seed", "random", "mean / random", "worst seed / random", "bar"], rows)
 
 
-def plot(data: dict[str, Any], env_id: str) -> Path:
+def binned_games(games: list[list[float]], total: int) -> np.ndarray:
+    """(bins,) mean score of the training games that ended in each BIN-step bin (NaN where none did)."""
+    games_ = np.array(games).reshape(-1, 2)
+    bins = np.minimum(games_[:, 0] // BIN, total // BIN - 1).astype(int)
+    return np.array([games_[bins == b, 1].mean() if (bins == b).any() else np.nan for b in range(total // BIN)])
+
+
+def plot(data: dict[str, Any], env_id: str, out: Optional[Path] = None) -> Path:
+    """Left: evaluation returns. Right: training games (full games under epsilon, mean per BIN steps) of the runs
+    that recorded them (runs recorded before games were kept have none)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
+    fig, (ax, games_ax) = plt.subplots(1, 2, figsize=(11, 3.6), dpi=100)
     runs = [r for r in data["runs"] if r["env_id"] == env_id]
     for i, script in enumerate(sorted({r["script"] for r in runs})):
-        mine = [np.array(r["eval"]) for r in runs if r["script"] == script]
-        for curve in mine:
+        mine = [r for r in runs if r["script"] == script]
+        curves = [np.array(r["eval"]) for r in mine]
+        for curve in curves:
             ax.plot(curve[:, 0], curve[:, 1], color=f"C{i}", linewidth=0.7, alpha=0.5)
-        steps = sorted(set.intersection(*(set(c[:, 0]) for c in mine)))
-        mean = [np.mean([c[c[:, 0] == s, 1][0] for c in mine]) for s in steps]
-        label = f"{script} ({len(mine)} seed{'s' * (len(mine) > 1)})"
+        steps = sorted(set.intersection(*(set(c[:, 0]) for c in curves)))
+        mean = [np.mean([c[c[:, 0] == s, 1][0] for c in curves]) for s in steps]
+        label = f"{script} ({len(curves)} seed{'s' * (len(curves) > 1)})"
         ax.plot(steps, mean, color=f"C{i}", linewidth=2.2, marker="o", label=label)
+        binned = [binned_games(r["games"], r["steps"]) for r in mine if r.get("games")]
+        centres = (np.arange(len(binned[0])) + 0.5) * BIN if binned else []
+        for b in binned:
+            games_ax.plot(centres, b, color=f"C{i}", linewidth=0.7, alpha=0.5)
+        if binned:
+            seen = (~np.isnan(binned)).sum(axis=0)  # seeds with a game ending in each bin
+            mean = np.where(seen > 0, np.nansum(binned, axis=0) / np.maximum(seen, 1), np.nan)
+            games_ax.plot(centres, mean, color=f"C{i}", linewidth=2.2, marker="o",
+                          label=f"{script} ({len(binned)} of {len(mine)} seeds)")
     if env_id in data["random"]:
         ax.axhline(data["random"][env_id]["mean"], color="gray", linestyle="--", linewidth=1, label="random policy")
     ax.set_ylabel("evaluation return (10 games, eps 0.05)", fontsize=8)
     style_axes(ax, f"{env_id}: short protocol (200k steps), each seed thin, mean bold")
-    return save_figure(fig, RESULTS_DIR / f"atari_short_{game_of(env_id)}.png")
+    games_ax.set_ylabel(f"training game score, mean per {BIN // 1000}k steps", fontsize=8)
+    style_axes(games_ax, "training games (full games under epsilon)")
+    return save_figure(fig, out or RESULTS_DIR / f"atari_short_{game_of(env_id)}.png")
+
+
+BEFORE = RESULTS_DIR / "atari_short_before_issue22.json"
+TAKEOFF = RESULTS_DIR / "takeoff"  # issue #22: the ablation records and the comparison figure and table
+
+
+def takeoff(data: dict[str, Any], env_id: str = "BreakoutNoFrameskip-v4") -> str:
+    """Issue #22's comparison on one figure and one table: dqn_atari.py before and after the serve change, the runs
+    of ablation A (the change as a patch, the same behaviour), SB3, and dqn_atari_dueling_per.py before and after."""
+    arms: list[dict[str, Any]] = []
+    for r in read_json(BEFORE)["runs"] if BEFORE.exists() else []:
+        arms.append({**r, "script": f"{r['script']} before 8c08bb3"})
+    for path in sorted(TAKEOFF.glob("life_loss_reset_seed*.json")):
+        arms.append({**read_json(path), "script": "dqn_atari.py, ablation A (patch of a195c73)", "steps": SB3_STEPS})
+    arms += [{**r, "script": r["script"] + ("" if r["script"].startswith("stable") else " after 8c08bb3")}
+             for r in data["runs"]]
+    arms = [r for r in arms if r["env_id"] == env_id]
+    rows = []
+    for script in sorted({r["script"] for r in arms}):
+        runs = sorted((r for r in arms if r["script"] == script), key=lambda r: r["seed"])
+        cells = []
+        for step in (50_000, 100_000, 150_000, 200_000):
+            ci = iqm_ci([dict(map(tuple, r["eval"]))[step] for r in runs])
+            cells.append(f"{ci['iqm']:.1f} [{ci['ci_low']:.1f}, {ci['ci_high']:.1f}]")
+        rows.append([script, " ".join(str(r["seed"]) for r in runs), *cells])
+    plot({"runs": arms, "random": data["random"]}, env_id, TAKEOFF / f"{game_of(env_id).lower()}_takeoff.png")
+    return format_table(["arm", "seeds", "IQM [95% CI] at 50k", "100k", "150k", "200k"], rows)
 
 
 @dataclass
@@ -142,6 +196,7 @@ class Args:
     only: Optional[str] = None  # run only this implementation's missing cells: dqn_atari.py, ..._dueling_per.py, sb3
     max_attempts: int = 3  # leave a grid cell alone after it failed this many times
     out: Path = RESULTS_DIR / "atari_short.json"  # the JSON record
+    takeoff: bool = False  # train nothing: draw and tabulate issue #22's comparison into results/takeoff/
 
 
 def main(args: Args) -> int:
@@ -161,6 +216,11 @@ def main(args: Args) -> int:
             and args.only in (None, c.script)]
     sb3_todo = [c for c in SB3_CELLS if args.sb3 and args.only in (None, "sb3")
                 and not any(k[1:] == c and k[0].startswith("stable") for k in done)]
+    if args.takeoff:
+        text = takeoff(data)
+        (TAKEOFF / "breakout_takeoff.md").write_text(text + "\n")
+        print(text)
+        return 0
     if args.dry_run:
         print("to run: " + (", ".join([c.run_name for c in todo] + [f"SB3 {e} seed {s}" for e, s in sb3_todo]) or
                             "nothing"))

@@ -395,7 +395,7 @@ def test_atari_short_cells_and_steady_sps():
     cells = atari_short.wanted_cells("BreakoutNoFrameskip-v4")
     assert [(c.script, c.seed) for c in cells] == [("dqn_atari.py", 1), ("dqn_atari.py", 2), ("dqn_atari.py", 3),
                                                    ("dqn_atari_dueling_per.py", 1), ("dqn_atari_dueling_per.py", 2)]
-    assert all(c.run_name.endswith("__atari_short_breakout") for c in cells)
+    assert all(c.run_name.endswith("__atari_short_breakout_after_issue22") for c in cells)  # no pre-fix cell counts
     # 100 steps/s while training; the 998 s pause (a resumption) is left out
     assert atari_short.steady_sps([(0, 0.0), (100, 1.0), (200, 2.0), (300, 1000.0), (400, 1001.0)]) == 100.0
 
@@ -433,6 +433,28 @@ def test_atari_short_skips_recorded_cells_reports_and_refuses_another_protocol(t
     out.write_text(json.dumps({**record, "protocol": {"flags": ["--total-timesteps", "1"]}}))
     assert atari_short.main(atari_short.Args(out=out)) == 2
     assert "other protocol flags" in capsys.readouterr().err
+
+
+def test_atari_short_takeoff_table_and_training_game_bins(tmp_path, monkeypatch):
+    games = [[10_000, 1.0], [20_000, 3.0], [60_000, 5.0], [199_999, 9.0]]  # (env step a game ended at, its score)
+    bins = atari_short.binned_games(games, 200_000)
+    assert bins[0] == 2.0 and np.isnan(bins[1]) and bins[2] == 5.0 and bins[-1] == 9.0 and len(bins) == 8
+    run = lambda script, seed, v: {"script": script, "env_id": "BreakoutNoFrameskip-v4", "seed": seed,  # noqa: E731
+                                   "steps": 200_000, "final_eval_return": v, "games": games,
+                                   "eval": [[s, v * s / 200_000] for s in (50_000, 100_000, 150_000, 200_000)]}
+    monkeypatch.setattr(atari_short, "BEFORE", tmp_path / "before.json")
+    monkeypatch.setattr(atari_short, "TAKEOFF", tmp_path)
+    (tmp_path / "before.json").write_text(json.dumps({"runs": [run("dqn_atari.py", s, 8.0 + s) for s in (1, 2, 3)]}))
+    (tmp_path / "life_loss_reset_seed1.json").write_text(json.dumps(run("dqn_atari.py", 1, 20.0)))
+    data = {"random": {}, "runs": [run("stable-baselines3 2.9.2 DQN", 1, 16.0), run("dqn_atari.py", 1, 24.0)]}
+    lines = atari_short.takeoff(data).splitlines()
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lines[2:]}
+    assert rows["dqn_atari.py before 8c08bb3"] == ["1 2 3", "2.5 [2.2, 2.8]", "5.0 [4.5, 5.5]", "7.5 [6.8, 8.2]",
+                                                   "10.0 [9.0, 11.0]"]
+    assert rows["dqn_atari.py after 8c08bb3"][-1] == "24.0 [24.0, 24.0]"
+    assert rows["dqn_atari.py, ablation A (patch of a195c73)"][-1] == "20.0 [20.0, 20.0]"
+    assert rows["stable-baselines3 2.9.2 DQN"][0] == "1"
+    assert (tmp_path / "breakout_takeoff.png").stat().st_size > 0
 
 
 # ---------------------------------------------------------------------------------------------------------------------

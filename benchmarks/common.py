@@ -124,24 +124,16 @@ def in_fresh_process(fn: Callable[..., Any], *args: Any) -> Any:
 
 
 def timed_blocks(step: Callable[[], Any], device: Any, warmup: int, iters: int, blocks: int = 1) -> list[float]:
-    """Seconds per call of `step` in each of `blocks` equal blocks of `iters` calls, after `warmup` untimed ones."""
+    """Seconds per call of `step` in each of `blocks` equal blocks of `iters` calls, after `warmup` untimed ones:
+    torch.utils.benchmark.Timer, which waits for the GPU around each block, on the process's torch threads (its
+    default is 1 thread, which is not how the scripts run)."""
     import torch
+    from torch.utils.benchmark import Timer
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()  # sync point: GPU work is asynchronous, the clock must wait for it
-
-    for _ in range(warmup):
-        step()
-    sync()
-    per_block, seconds = max(1, iters // blocks), []
-    for _ in range(blocks):
-        start = time.perf_counter()
-        for _ in range(per_block):
-            step()
-        sync()
-        seconds.append((time.perf_counter() - start) / per_block)
-    return seconds
+    timer = Timer("step()", globals={"step": step}, num_threads=torch.get_num_threads())
+    if warmup:
+        timer.timeit(warmup)
+    return [timer.timeit(max(1, iters // blocks)).mean for _ in range(blocks)]
 
 
 def _accumulator(run_dir: Path) -> Any:

@@ -417,12 +417,10 @@ class PerCost:
             state["firsts"].zero_()
             state["count"] = rb.per_env
             rb.load_state_dict(state)
-            slots = torch.arange(num_envs * rb.per_env, device=device)
+            # every slot but the 4 oldest of each env, which lost frames of their stack to the ring (priority 0)
+            slots = (torch.arange(num_envs, device=device)[:, None] * rb.per_env
+                     + torch.arange(4, rb.per_env, device=device)).ravel()
             rb.update_priorities(slots, priorities(len(slots)))
-            rb.apply_pending_priorities()
-            # the 4 oldest slots of each env lost frames of their stack to the ring: priority 0, as add() sets them
-            oldest = (torch.arange(num_envs, device=device)[:, None] * rb.per_env + torch.arange(4, device=device))
-            rb.tree.set(oldest.ravel(), torch.zeros(oldest.numel(), dtype=torch.float64, device=device))
             for b in self.batch_sizes:
                 td_errors = torch.randn(b, device=device)
                 time_it("buffer", rb.tree.size, b, lambda: rb.update_priorities(rb.sample(b, 0.4).indices, td_errors))

@@ -9,13 +9,13 @@ from typing import Any, Optional
 
 import numpy as np
 import tyro
+from matplotlib.figure import Figure
 
 from benchmarks.common import (RESULTS_DIR, describe_machine, format_table, in_fresh_process, iqm_ci, load_script,
-                               read_json, read_scalars, write_json)
-from benchmarks.grid import (GRID_ROOT, SKIP_DONE, Cell, GridPaths, GridSpec, Runner, expand_grid, load_or_create_spec,
-                             run_cells)
-from benchmarks.plot import EVAL_TAG, game_of, save_figure, style_axes
-from benchmarks.measure import sb3_run
+                               read_json, read_scalars, sps_from_points, write_json)
+from benchmarks.grid import GRID_ROOT, Cell, GridPaths, GridSpec, Runner, expand_grid, load_or_create_spec, run_cells
+from benchmarks.measure import SB3_AS_DQN_ATARI, sb3_run
+from benchmarks.plot import EVAL_TAG, TRAIN_TAG, game_of, save_figure, style_axes
 
 PROTOCOL = ("--total-timesteps", "200000", "--learning-starts", "20000", "--buffer-size", "100000",
             "--exploration-fraction", "0.5", "--target-network-frequency", "1000", "--train-frequency", "4",
@@ -38,11 +38,15 @@ GRID_SUFFIX = "_after_issue22"
 BIN = 25_000  # env steps per bin of the training-games curves
 BARS = {"BreakoutNoFrameskip-v4": 5.0}  # every seed must end at least this many times the random policy's return
 RANDOM = {"epsilon": 1.0, "episodes": 30, "seed": 12345}
-SB3_SETTINGS = dict(learning_rate=1e-4, buffer_size=100_000, learning_starts=20_000, batch_size=32, tau=1.0, gamma=0.99,
-                    train_freq=1, gradient_steps=2, target_update_interval=1_000, exploration_fraction=0.5,
-                    exploration_initial_eps=1.0, exploration_final_eps=0.01, optimize_memory_usage=False)
-SB3_ENVS, SB3_STEPS, EVAL_EVERY, EVAL_GAMES, EVAL_EPSILON = 8, 200_000, 50_000, 10, 0.05
-GAP_S = 300.0  # a pause longer than this between two logged updates is an interruption, not training time
+# the protocol in SB3's terms: an update every 4 env steps = 1 vector step of 8 envs x 2 gradient steps
+SB3_SETTINGS = dict(SB3_AS_DQN_ATARI, buffer_size=100_000, learning_starts=20_000, batch_size=32, train_freq=1,
+                    gradient_steps=2, exploration_fraction=0.5)
+SB3_RUN = dict(n_envs=8, total_timesteps=200_000, eval_every=50_000, eval_games=10, eval_epsilon=0.05)  # sb3_run's
+# a pause longer than this between two logged updates is an interruption, not training time (periodic evaluations
+# stay in, as in measure sps)
+GAP_S = 300.0
+BEFORE = RESULTS_DIR / "atari_short_before_issue22.json"
+TAKEOFF = RESULTS_DIR / "takeoff"  # issue #22: the ablation records and the comparison figure and table
 
 
 def grid_spec(env_id: str) -> GridSpec:
@@ -61,43 +65,39 @@ def random_baseline(env_id: str) -> dict[str, Any]:
     script = load_script("dqn_atari.py")
     game, sticky = script.atari_game(env_id)
     frames = script.Args().max_episode_frames
-    envs = script.make_env(game, 1, sticky, frames, train=False)
-    n_actions = int(envs.single_action_space.n)
-    envs.close()
-    returns, lengths = script.evaluate(script.QNetwork(n_actions), game, sticky, frames, RANDOM["episodes"],
-                                       RANDOM["epsilon"], RANDOM["seed"], torch.device("cpu"))
+    q_network = script.QNetwork(script.count_actions(game, sticky, frames))  # acts only when epsilon < 1
+    returns, lengths = script.evaluate(q_network, game, sticky, frames, RANDOM["episodes"], RANDOM["epsilon"],
+                                       RANDOM["seed"], torch.device("cpu"))
     return {"mean": float(returns.mean()), "std": float(returns.std()), "episodes": len(returns),
             "returns": returns.tolist(), "mean_length_frames": float(lengths.mean())}
-
-
-def steady_sps(points: list[tuple[int, float]]) -> float:
-    """Env steps per second over consecutive (step, wall time) points, pauses longer than GAP_S (a resumption) left
-    out; periodic evaluations stay in, as in common.training_sps."""
-    pairs = [(s1 - s0, t1 - t0) for (s0, t0), (s1, t1) in zip(points, points[1:]) if 0 < t1 - t0 <= GAP_S]
-    return sum(p[0] for p in pairs) / sum(p[1] for p in pairs)
 
 
 def cell_record(paths: GridPaths, cell: Cell) -> dict[str, Any]:
     """A finished cell as atari_short.json keeps it: its evaluation curve, training games (env step, score) and SPS
     from its events, its time over all attempts, commit and machine from the grid's state/{run_name}.json."""
-    scalars = read_scalars(paths.run_dir(cell), [EVAL_TAG, "losses/td_loss", "charts/episodic_return"])
-    evals, updates = scalars[EVAL_TAG], scalars["losses/td_loss"]
-    state = read_json(paths.state(cell))
+    scalars = read_scalars(paths.run_dir(cell), [EVAL_TAG, "losses/td_loss", TRAIN_TAG])
+    evals, state = scalars[EVAL_TAG], read_json(paths.state(cell))
     return {"script": cell.script, "env_id": cell.env_id, "seed": cell.seed, "steps": evals[-1].step,
             "eval": [[p.step, p.value] for p in evals], "final_eval_return": evals[-1].value,
-            "sps": steady_sps([(p.step, p.wall_time) for p in updates]),
+            "sps": sps_from_points([(p.step, p.wall_time) for p in scalars["losses/td_loss"]], GAP_S)["sps"],
             "wall_s": state.get("wall_s", state["ended"] - state["started"]),
             "commit": (state.get("git") or {}).get("commit"), "machine": describe_machine(state["machine"]),
-            "run_name": cell.run_name, "games": [[p.step, p.value] for p in scalars["charts/episodic_return"]]}
+            "run_name": cell.run_name, "games": [[p.step, p.value] for p in scalars[TRAIN_TAG]]}
 
 
 def sb3_record(env_id: str, seed: int) -> dict[str, Any]:
     """One SB3 DQN cell, as atari_short.json keeps it."""
-    r = in_fresh_process(sb3_run, env_id, SB3_ENVS, seed, "cpu", SB3_SETTINGS, SB3_STEPS, EVAL_EVERY, EVAL_GAMES,
-                         EVAL_EPSILON)
+    r = in_fresh_process(sb3_run, env_id, SB3_RUN["n_envs"], seed, "cpu", SB3_SETTINGS, SB3_RUN["total_timesteps"],
+                         SB3_RUN["eval_every"], SB3_RUN["eval_games"], SB3_RUN["eval_epsilon"])
     return {"script": f"stable-baselines3 {r['version']} DQN", "env_id": env_id, "seed": seed,
             "steps": r["evals"][-1][0], "eval": r["evals"], "final_eval_return": r["evals"][-1][1],
             "sps": r["training"]["sps"], "wall_s": r["wall_s"], "games": r["games"]}
+
+
+def arms(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Runs by implementation (their "script"), in name order, each arm's runs in seed order."""
+    return {s: sorted((r for r in runs if r["script"] == s), key=lambda r: r["seed"])
+            for s in sorted({r["script"] for r in runs})}
 
 
 def table(data: dict[str, Any]) -> str:
@@ -105,9 +105,7 @@ def table(data: dict[str, Any]) -> str:
     for env_id in sorted({r["env_id"] for r in data["runs"]}):
         random = data["random"].get(env_id, {}).get("mean")
         ratio = (lambda x: f"{x / random:.1f}x" if random else "-")  # noqa: E731
-        for script in sorted({r["script"] for r in data["runs"] if r["env_id"] == env_id}):
-            runs = sorted((r for r in data["runs"] if r["env_id"] == env_id and r["script"] == script),
-                          key=lambda r: r["seed"])
+        for script, runs in arms([r for r in data["runs"] if r["env_id"] == env_id]).items():
             finals = np.array([r["final_eval_return"] for r in runs])
             ci = iqm_ci(finals)
             rows.append([env_id, script, " ".join(str(r["seed"]) for r in runs),
@@ -128,30 +126,24 @@ def binned_games(games: list[list[float]], total: int) -> np.ndarray:
 
 def plot(data: dict[str, Any], env_id: str, out: Optional[Path] = None) -> Path:
     """Left: evaluation returns. Right: training games (full games under epsilon, mean per BIN steps) of the runs
-    that recorded them (runs recorded before games were kept have none)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (ax, games_ax) = plt.subplots(1, 2, figsize=(11, 3.6), dpi=100)
-    runs = [r for r in data["runs"] if r["env_id"] == env_id]
-    for i, script in enumerate(sorted({r["script"] for r in runs})):
-        mine = [r for r in runs if r["script"] == script]
-        curves = [np.array(r["eval"]) for r in mine]
-        for curve in curves:
-            ax.plot(curve[:, 0], curve[:, 1], color=f"C{i}", linewidth=0.7, alpha=0.5)
-        steps = sorted(set.intersection(*(set(c[:, 0]) for c in curves)))
-        mean = [np.mean([c[c[:, 0] == s, 1][0] for c in curves]) for s in steps]
-        label = f"{script} ({len(curves)} seed{'s' * (len(curves) > 1)})"
-        ax.plot(steps, mean, color=f"C{i}", linewidth=2.2, marker="o", label=label)
-        binned = [binned_games(r["games"], r["steps"]) for r in mine if r.get("games")]
-        centres = (np.arange(len(binned[0])) + 0.5) * BIN if binned else []
-        for b in binned:
-            games_ax.plot(centres, b, color=f"C{i}", linewidth=0.7, alpha=0.5)
-        if binned:
+    that recorded them (runs recorded before games were kept have none). Each seed thin, the mean over seeds bold."""
+    fig = Figure(figsize=(11, 3.6), dpi=100)  # drawn for a file only: no pyplot, no display
+    ax, games_ax = fig.subplots(1, 2)
+    for i, (script, runs) in enumerate(arms([r for r in data["runs"] if r["env_id"] == env_id]).items()):
+        evals = [dict(map(tuple, r["eval"])) for r in runs]  # env step -> evaluation return, per seed
+        for e in evals:
+            ax.plot(list(e), list(e.values()), color=f"C{i}", linewidth=0.7, alpha=0.5)
+        steps = sorted(set.intersection(*map(set, evals)))  # the steps every seed evaluated at
+        ax.plot(steps, [np.mean([e[s] for e in evals]) for s in steps], color=f"C{i}", linewidth=2.2, marker="o",
+                label=f"{script} ({len(evals)} seed{'s' * (len(evals) > 1)})")
+        if binned := [binned_games(r["games"], r["steps"]) for r in runs if r.get("games")]:
+            centres = (np.arange(len(binned[0])) + 0.5) * BIN
+            for b in binned:
+                games_ax.plot(centres, b, color=f"C{i}", linewidth=0.7, alpha=0.5)
             seen = (~np.isnan(binned)).sum(axis=0)  # seeds with a game ending in each bin
             mean = np.where(seen > 0, np.nansum(binned, axis=0) / np.maximum(seen, 1), np.nan)
             games_ax.plot(centres, mean, color=f"C{i}", linewidth=2.2, marker="o",
-                          label=f"{script} ({len(binned)} of {len(mine)} seeds)")
+                          label=f"{script} ({len(binned)} of {len(runs)} seeds)")
     if env_id in data["random"]:
         ax.axhline(data["random"][env_id]["mean"], color="gray", linestyle="--", linewidth=1, label="random policy")
     ax.set_ylabel("evaluation return (10 games, eps 0.05)", fontsize=8)
@@ -161,30 +153,22 @@ def plot(data: dict[str, Any], env_id: str, out: Optional[Path] = None) -> Path:
     return save_figure(fig, out or RESULTS_DIR / f"atari_short_{game_of(env_id)}.png")
 
 
-BEFORE = RESULTS_DIR / "atari_short_before_issue22.json"
-TAKEOFF = RESULTS_DIR / "takeoff"  # issue #22: the ablation records and the comparison figure and table
-
-
 def takeoff(data: dict[str, Any], env_id: str = "BreakoutNoFrameskip-v4") -> str:
     """Issue #22's comparison on one figure and one table: dqn_atari.py before and after the serve change, the runs
     of ablation A (the change as a patch, the same behaviour), SB3, and dqn_atari_dueling_per.py before and after."""
-    arms: list[dict[str, Any]] = []
-    for r in read_json(BEFORE)["runs"] if BEFORE.exists() else []:
-        arms.append({**r, "script": f"{r['script']} before 8c08bb3"})
-    for path in sorted(TAKEOFF.glob("life_loss_reset_seed*.json")):
-        arms.append({**read_json(path), "script": "dqn_atari.py, ablation A (patch of a195c73)", "steps": SB3_STEPS})
-    arms += [{**r, "script": r["script"] + ("" if r["script"].startswith("stable") else " after 8c08bb3")}
+    runs = [{**r, "script": f"{r['script']} before 8c08bb3"} for r in read_json(BEFORE).get("runs", [])]
+    runs += [{**read_json(path), "script": "dqn_atari.py, ablation A (patch of a195c73)",
+              "steps": SB3_RUN["total_timesteps"]} for path in sorted(TAKEOFF.glob("life_loss_reset_seed*.json"))]
+    runs += [{**r, "script": r["script"] + ("" if r["script"].startswith("stable") else " after 8c08bb3")}
              for r in data["runs"]]
-    arms = [r for r in arms if r["env_id"] == env_id]
+    by_arm = arms([r for r in runs if r["env_id"] == env_id])
     rows = []
-    for script in sorted({r["script"] for r in arms}):
-        runs = sorted((r for r in arms if r["script"] == script), key=lambda r: r["seed"])
-        cells = []
-        for step in (50_000, 100_000, 150_000, 200_000):
-            ci = iqm_ci([dict(map(tuple, r["eval"]))[step] for r in runs])
-            cells.append(f"{ci['iqm']:.1f} [{ci['ci_low']:.1f}, {ci['ci_high']:.1f}]")
-        rows.append([script, " ".join(str(r["seed"]) for r in runs), *cells])
-    plot({"runs": arms, "random": data["random"]}, env_id, TAKEOFF / f"{game_of(env_id).lower()}_takeoff.png")
+    for script, arm in by_arm.items():
+        cis = [iqm_ci([dict(map(tuple, r["eval"]))[step] for r in arm]) for step in (50_000, 100_000, 150_000, 200_000)]
+        rows.append([script, " ".join(str(r["seed"]) for r in arm),
+                     *(f"{ci['iqm']:.1f} [{ci['ci_low']:.1f}, {ci['ci_high']:.1f}]" for ci in cis)])
+    plot({"runs": [r for arm in by_arm.values() for r in arm], "random": data["random"]}, env_id,
+         TAKEOFF / f"{game_of(env_id).lower()}_takeoff.png")
     return format_table(["arm", "seeds", "IQM [95% CI] at 50k", "100k", "150k", "200k"], rows)
 
 
@@ -200,17 +184,14 @@ class Args:
 
 
 def main(args: Args) -> int:
-    protocol = {"flags": list(PROTOCOL), "plan": PLAN, "random": RANDOM, "sb3": {**SB3_SETTINGS, "n_envs": SB3_ENVS,
-                "total_timesteps": SB3_STEPS, "eval_every": EVAL_EVERY, "eval_games": EVAL_GAMES,
-                "eval_epsilon": EVAL_EPSILON, "cells": [list(c) for c in SB3_CELLS]}}
-    data = {"protocol": protocol, "random": {}, "runs": []}
-    if args.out.exists():
-        data = {k: v for k, v in json.loads(args.out.read_text()).items() if k != "meta"}
-        if data["protocol"]["flags"] != list(PROTOCOL):
-            print(f"error: {args.out} was made with other protocol flags; move it aside to start a new record",
-                  file=sys.stderr)
-            return 2
-        data["protocol"] = protocol
+    protocol = {"flags": list(PROTOCOL), "plan": PLAN, "random": RANDOM,
+                "sb3": {**SB3_SETTINGS, **SB3_RUN, "cells": [list(c) for c in SB3_CELLS]}}
+    saved = json.loads(args.out.read_text()) if args.out.exists() else {"protocol": protocol}
+    if saved["protocol"]["flags"] != list(PROTOCOL):
+        print(f"error: {args.out} was made with other protocol flags; move it aside to start a new record",
+              file=sys.stderr)
+        return 2
+    data = {"protocol": protocol, "random": saved.get("random", {}), "runs": saved.get("runs", [])}
     done = {(r["script"], r["env_id"], r["seed"]) for r in data["runs"]}
     todo = [c for env_id in PLAN for c in wanted_cells(env_id) if (c.script, c.env_id, c.seed) not in done
             and args.only in (None, c.script)]
@@ -225,31 +206,28 @@ def main(args: Args) -> int:
         print("to run: " + (", ".join([c.run_name for c in todo] + [f"SB3 {e} seed {s}" for e, s in sb3_todo]) or
                             "nothing"))
         return 0
-    save = lambda: write_json(args.out, data)  # noqa: E731
+
+    def record(run: dict[str, Any]) -> None:  # each finished cell is saved at once: the file is the record
+        data["runs"].append(run)
+        write_json(args.out, data)
+
     for env_id in PLAN:
         if env_id not in data["random"]:
             data["random"][env_id] = in_fresh_process(random_baseline, env_id)
-            save()
-    runners: dict[str, Runner] = {}
+            write_json(args.out, data)
     for cell in todo:
         spec = grid_spec(cell.env_id)
         paths = GridPaths(GRID_ROOT / spec.name)
-        if args.record_only:
-            if paths.done(cell):
-                data["runs"].append(cell_record(paths, cell))
-                save()
-            continue
-        if spec.name not in runners:
-            runners[spec.name] = Runner(load_or_create_spec(paths, spec), paths, sys.executable, args.max_attempts)
-        outcome = run_cells(runners[spec.name], [cell], len(expand_grid(spec)), 1)[cell.run_name]
-        if outcome in ("done", SKIP_DONE):
-            data["runs"].append(cell_record(paths, cell))
-            save()
-        if runners[spec.name].stop.is_set():
+        runner = None if args.record_only else Runner(load_or_create_spec(paths, spec), paths, sys.executable,
+                                                       args.max_attempts)
+        if runner:
+            run_cells(runner, [cell], len(expand_grid(spec)), 1)
+        if paths.done(cell):  # finished now, or before (--record-only trains nothing)
+            record(cell_record(paths, cell))
+        if runner and runner.stop.is_set():
             return 130
     for env_id, seed in [] if args.record_only else sb3_todo:
-        data["runs"].append(sb3_record(env_id, seed))
-        save()
+        record(sb3_record(env_id, seed))
     if not data["runs"]:
         return 0
     for env_id in sorted({r["env_id"] for r in data["runs"]}):

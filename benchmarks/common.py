@@ -16,15 +16,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Literal, NamedTuple, Sequence, get_args
 
 import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
-CARTPOLE_SCRIPT = "dqn_cartpole.py"
-ATARI_SCRIPTS = ("dqn_atari.py", "dqn_atari_dueling_per.py")
-SCRIPTS = (CARTPOLE_SCRIPT, *ATARI_SCRIPTS)
+AtariScript = Literal["dqn_atari.py", "dqn_atari_dueling_per.py"]  # a flag of this type takes only these
+Script = Literal["dqn_cartpole.py", AtariScript]
+CARTPOLE_SCRIPT, ATARI_SCRIPTS, SCRIPTS = "dqn_cartpole.py", get_args(AtariScript), get_args(Script)
 RUN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=+-]*")  # what the scripts accept for --run-name
 KB = 1000  # the notes quote decimal kilobytes (CleanRL 4 * 84 * 84 bytes = 28.2 KB)
 NOTES = "shared/NOTES.md"
@@ -123,7 +123,7 @@ def in_fresh_process(fn: Callable[..., Any], *args: Any) -> Any:
         return pool.apply(fn, args)
 
 
-def timed_blocks(step: Callable[[], Any], device: Any, warmup: int, iters: int, blocks: int = 1) -> list[float]:
+def timed_blocks(step: Callable[[], Any], warmup: int, iters: int, blocks: int = 1) -> list[float]:
     """Seconds per call of `step` in each of `blocks` equal blocks of `iters` calls, after `warmup` untimed ones:
     torch.utils.benchmark.Timer, which waits for the GPU around each block, on the process's torch threads (its
     default is 1 thread, which is not how the scripts run)."""
@@ -163,15 +163,18 @@ def read_hparams(run_dir: Path) -> dict[str, str]:
     return {c[0].strip(): c[1].strip() for c in cells if len(c) == 2 and c[0] not in ("param", "-")}
 
 
-def sps_from_points(points: Sequence[tuple[int, float]]) -> dict[str, float]:
-    """Env steps per second between the first and the last (step, wall time) point."""
+def sps_from_points(points: Sequence[tuple[int, float]], max_gap: float = math.inf) -> dict[str, float]:
+    """Env steps per second over (step, wall time) points in step order: from the first to the last, less the steps
+    and seconds of any gap longer than `max_gap` seconds between two points (a run stopped and resumed later)."""
+    points = sorted(points)
     if len(points) < 2:
         raise ValueError(f"need at least 2 timed points, got {len(points)}: run longer after learning starts")
-    (step_first, wall_first), (step_last, wall_last) = min(points), max(points)
-    if wall_last <= wall_first or step_last <= step_first:
+    gaps = [(s1 - s0, t1 - t0) for (s0, t0), (s1, t1) in zip(points, points[1:]) if 0 < t1 - t0 <= max_gap]
+    steps, seconds = sum(g[0] for g in gaps), sum(g[1] for g in gaps)
+    if steps <= 0 or seconds <= 0:
         raise ValueError(f"points do not advance: {points[0]} .. {points[-1]}")
-    return {"sps": (step_last - step_first) / (wall_last - wall_first), "first_step": step_first,
-            "last_step": step_last, "seconds": wall_last - wall_first, "points": len(points)}
+    return {"sps": steps / seconds, "first_step": points[0][0], "last_step": points[-1][0], "seconds": seconds,
+            "points": len(points)}
 
 
 def training_sps(run_dir: Path) -> dict[str, float]:
@@ -268,8 +271,10 @@ def write_json(path: Path, payload: dict[str, Any]) -> Path:
     return path
 
 
-def require_cuda(cuda: bool) -> None:
-    """--cuda where there is no GPU would silently measure the CPU (the scripts fall back with a warning): refuse."""
+def pick_device(cuda: bool) -> Any:
+    """--cuda's device. Where there is no GPU it would silently measure the CPU (the scripts fall back with a
+    warning): refused."""
     import torch
     if cuda and not torch.cuda.is_available():
         raise SystemExit("--cuda was given but torch sees no CUDA device here")
+    return torch.device("cuda" if cuda else "cpu")

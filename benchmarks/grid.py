@@ -9,8 +9,9 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -31,14 +32,16 @@ SKIP_DIVERGED = "skip: non-finite loss"  # its resume would replay the same upda
 
 @dataclass(frozen=True)
 class GridSpec:
-    name: str
-    scripts: tuple[str, ...]
-    env_ids: tuple[str, ...]
-    seeds: tuple[int, ...]
-    extra: tuple[str, ...] = ()  # flags given to every cell
-    track: bool = False
-    wandb_project_name: str = "cleanRL"
-    wandb_entity: Optional[str] = None
+    """What a grid runs, saved in its grid.json; the command line's Args add how to run it."""
+
+    name: str  # the grid's name: its folder, the run names' suffix and the W&B group
+    scripts: tuple[str, ...] = ()  # scripts of a new grid (paths relative to the repository root)
+    env_ids: tuple[str, ...] = ()  # env ids of a new grid
+    seeds: tuple[int, ...] = ()  # seeds of a new grid
+    extra: tyro.conf.Positional[tuple[str, ...]] = ()  # flags given to every cell of a new grid, after --
+    track: bool = False  # log every cell to W&B (--track), grouped as --wandb-group NAME
+    wandb_project_name: str = "cleanRL"  # the W&B project
+    wandb_entity: Optional[str] = None  # the W&B entity
 
 
 def validate_spec(spec: GridSpec) -> list[str]:
@@ -88,9 +91,6 @@ class GridPaths:
     def state(self, cell: Cell) -> Path:  # attempts, failures, wall seconds over attempts, commit, machine
         return self.root / "state" / f"{cell.run_name}.json"
 
-    def diverged(self, cell: Cell) -> bool:
-        return read_summary(self.run_dir(cell)).get("stop_reason", "").startswith("non-finite")
-
     def done(self, cell: Cell) -> bool:
         """Its summary.json says it finished; or the runner of before summary.json left state/{run_name}.done."""
         return (read_summary(self.run_dir(cell)).get("stop_reason") in DONE_REASONS
@@ -123,8 +123,9 @@ def plan_cell(done: bool, has_checkpoint: bool, failures: int, max_attempts: int
 
 
 def plan(paths: GridPaths, cell: Cell, max_attempts: int) -> str:
+    diverged = read_summary(paths.run_dir(cell)).get("stop_reason", "").startswith("non-finite")
     return plan_cell(paths.done(cell), paths.checkpoint(cell).exists(),
-                     read_json(paths.state(cell)).get("failures", 0), max_attempts, paths.diverged(cell))
+                     read_json(paths.state(cell)).get("failures", 0), max_attempts, diverged)
 
 
 def classify_exit(returncode: int) -> str:
@@ -174,9 +175,10 @@ class Runner:
     def run_cell(self, cell: Cell, total: int) -> str:
         """Runs one cell if it needs running; returns its outcome."""
         tag, action = f"[{cell.index + 1}/{total}] {cell.run_name}", plan(self.paths, cell, self.max_attempts)
-        if self.stop.is_set() or action in (SKIP_DONE, SKIP_FAILED, SKIP_DIVERGED):
-            print(f"{tag}: {'not started' if self.stop.is_set() else action}", flush=True)
-            return "not started" if self.stop.is_set() else action
+        if self.stop.is_set() or action not in (START, RESUME):
+            outcome = "not started" if self.stop.is_set() else action
+            print(f"{tag}: {outcome}", flush=True)
+            return outcome
         if action == START and self.paths.run_dir(cell).exists():  # died before its first checkpoint: set aside
             stale = self.paths.root / "stale" / f"{cell.run_name}.{time.strftime('%Y%m%d-%H%M%S')}"
             stale.parent.mkdir(parents=True, exist_ok=True)
@@ -189,9 +191,8 @@ class Runner:
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
         self.paths.log(cell).parent.mkdir(parents=True, exist_ok=True)
         with open(self.paths.log(cell), "a") as log:
-            log.write(f"=== attempt {state['attempts']}, {action}, {time.strftime('%Y-%m-%d %H:%M:%S')} on "
-                      f"{describe_machine(state['machine'])}\n$ {shlex.join(command)}\n")
-            log.flush()
+            print(f"=== attempt {state['attempts']}, {action}, {time.strftime('%Y-%m-%d %H:%M:%S')} on "
+                  f"{describe_machine(state['machine'])}\n$ {shlex.join(command)}", file=log, flush=True)
             with self.lock:  # no new script once a stop was asked for (request_stop holds this lock to signal)
                 if self.stop.is_set():
                     return "not started"
@@ -218,15 +219,11 @@ def run_cells(runner: Runner, cells: Sequence[Cell], total: int, workers: int) -
     previous = {s: signal.signal(s, runner.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            pending = {pool.submit(runner.run_cell, cell, total): cell.run_name for cell in cells}
-            outcomes = {}
-            while len(outcomes) < len(cells):
-                for future in wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)[0]:
-                    outcomes[pending.pop(future)] = future.result()
+            futures = {pool.submit(runner.run_cell, cell, total): cell.run_name for cell in cells}
+            return {futures[future]: future.result() for future in as_completed(futures)}
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    return outcomes
 
 
 class SlurmTask:
@@ -251,15 +248,8 @@ class SlurmTask:
         return DelayedSubmission(SlurmTask(), *args)
 
 
-@dataclass
-class Args:
-    name: str  # the grid's name: its folder, the run names' suffix and the W&B group
-    scripts: Optional[tuple[str, ...]] = None  # scripts of a new grid (paths relative to the repository root)
-    env_ids: Optional[tuple[str, ...]] = None  # env ids of a new grid
-    seeds: Optional[tuple[int, ...]] = None  # seeds of a new grid
-    track: bool = False  # log every cell to W&B (--track), grouped as --wandb-group NAME
-    wandb_project_name: str = "cleanRL"  # the W&B project
-    wandb_entity: Optional[str] = None  # the W&B entity
+@dataclass(frozen=True)
+class Args(GridSpec):
     root: Path = GRID_ROOT  # the folder that holds grid folders
     workers: int = 1  # cells run at once here (each script uses every core it gets: 1 on a 2-core machine)
     max_attempts: int = 3  # leave a cell alone after this many failures (SIGINT/SIGTERM stops do not count)
@@ -275,13 +265,12 @@ class Args:
     slurm_signal_s: int = 300  # Slurm signals a task this many seconds before its time limit
     slurm_max_requeues: int = 20  # requeues after time limits per task, at most
     slurm_directive: tuple[str, ...] = ()  # extra sbatch options as key=value, e.g. --slurm-directive account=rl
-    extra: tyro.conf.Positional[tuple[str, ...]] = ()  # flags given to every cell of a new grid, after --
 
 
-def submit(paths: GridPaths, cells: Sequence[Cell], args: Args, cluster: str = "slurm") -> list[Any]:
-    """One job array over `cells` (cluster="debug" runs it in this process: the tests)."""
+def submit(paths: GridPaths, cells: Sequence[Cell], args: Args) -> list[Any]:
+    """One job array over `cells`."""
     import submitit
-    executor = submitit.AutoExecutor(folder=paths.root / "slurm" / "%j", cluster=cluster,
+    executor = submitit.AutoExecutor(folder=paths.root / "slurm" / "%j", cluster="slurm",
                                      slurm_max_num_timeout=args.slurm_max_requeues,
                                      slurm_python=shlex.quote(args.python))
     executor.update_parameters(
@@ -297,20 +286,19 @@ def submit(paths: GridPaths, cells: Sequence[Cell], args: Args, cluster: str = "
 
 def main(args: Args) -> int:
     paths, given = GridPaths(args.root / args.name), None
-    if args.scripts is not None or args.env_ids is not None or args.seeds is not None:
-        given = GridSpec(args.name, tuple(args.scripts or ()), tuple(args.env_ids or ()), tuple(args.seeds or ()),
-                         args.extra, args.track, args.wandb_project_name, args.wandb_entity)
+    if args.scripts or args.env_ids or args.seeds:  # a new grid (--name alone resumes one)
+        given = GridSpec(**{f.name: getattr(args, f.name) for f in fields(GridSpec)})
     elif args.extra:
         raise SystemExit("flags after -- belong to a grid's spec: give them with --scripts, --env-ids and --seeds")
     cells = expand_grid(spec := load_or_create_spec(paths, given))
-    plans = {cell.run_name: plan(paths, cell, args.max_attempts) for cell in cells}
+    plans = {cell: plan(paths, cell, args.max_attempts) for cell in cells}
     if args.dry_run:
-        for cell in cells:
-            command = cell_command(args.python, spec, cell, resume=plans[cell.run_name] == RESUME)
-            print(f"[{cell.index}] {plans[cell.run_name]:<22} (cd {paths.root} && {shlex.join(command)})")
+        for cell, action in plans.items():
+            command = cell_command(args.python, spec, cell, resume=action == RESUME)
+            print(f"[{cell.index}] {action:<22} (cd {paths.root} && {shlex.join(command)})")
         return 0
     if args.slurm:
-        if not (todo := [c for c in cells if plans[c.run_name] in (START, RESUME)]):
+        if not (todo := [c for c in cells if plans[c] in (START, RESUME)]):
             print(f"grid {spec.name!r}: every cell is done or failed too often; nothing to submit")
             return 0
         jobs = submit(paths, todo, args)
@@ -318,8 +306,8 @@ def main(args: Args) -> int:
               f"{paths.root}/slurm/, each cell's output in {paths.root}/logs/; progress: --dry-run")
         return 0
     outcomes = run_cells(runner := Runner(spec, paths, args.python, args.max_attempts), cells, len(cells), args.workers)
-    counts = {o: list(outcomes.values()).count(o) for o in sorted(set(outcomes.values()))}
-    print(f"grid {spec.name!r}: " + ", ".join(f"{n} {o}" for o, n in counts.items()) + f"; runs in {paths.root}/runs")
+    counts = ", ".join(f"{n} {o}" for o, n in sorted(Counter(outcomes.values()).items()))
+    print(f"grid {spec.name!r}: {counts}; runs in {paths.root}/runs")
     return 130 if runner.stop.is_set() else 0 if all(o in ("done", SKIP_DONE) for o in outcomes.values()) else 1
 
 

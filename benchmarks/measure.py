@@ -5,18 +5,17 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 import tyro
 
-from benchmarks.common import (ATARI_SCRIPTS, CARTPOLE_SCRIPT, KB, REFERENCES, RESULTS_DIR, SCRIPTS, fmt, format_table,
-                               in_fresh_process, load_script, read_summary, references_json, require_cuda,
-                               run_name_for, run_script, sps_from_points, timed_blocks, training_sps, write_json)
+from benchmarks.common import (ATARI_SCRIPTS, CARTPOLE_SCRIPT, KB, REFERENCES, RESULTS_DIR, SCRIPTS, AtariScript,
+                               Script, fmt, format_table, in_fresh_process, load_script, pick_device, read_summary,
+                               references_json, run_name_for, run_script, sps_from_points, timed_blocks, training_sps,
+                               write_json)
 
-PER_SCRIPT = "dqn_atari_dueling_per.py"
 LOG_EVERY = 100  # the scripts log losses/td_loss every 100 updates; SB3 is timed at the same env steps
 
 
@@ -41,15 +40,15 @@ class AtariBenchConfig:
     cuda: bool = False  # run on the GPU (--cuda to the scripts) instead of the CPU
     out_dir: Path = RESULTS_DIR  # where JSON results, and the scripts' runs/ and logs go
 
-    def capacity(self) -> int:
-        return self.buffer_size or self.total_timesteps
+    def __post_init__(self) -> None:
+        self.buffer_size = self.buffer_size or self.total_timesteps
 
     def script_flags(self, run_name: str) -> list[str]:
         """Our Atari scripts' flags for this config: evaluation only at the end (1 episode), no periodic checkpoint."""
         return ["--env-id", self.env_id, "--seed", str(self.seed), "--run-name", run_name,
                 "--total-timesteps", str(self.total_timesteps), "--learning-starts", str(self.learning_starts),
                 "--batch-size", str(self.batch_size), "--train-frequency", str(self.train_frequency),
-                "--buffer-size", str(self.capacity()), "--num-envs", str(self.num_envs),
+                "--buffer-size", str(self.buffer_size), "--num-envs", str(self.num_envs),
                 "--eval-frequency", "0", "--eval-episodes", "1", "--max-episode-frames", str(self.max_episode_frames),
                 "--checkpoint-frequency", "0", "--cuda" if self.cuda else "--no-cuda"]
 
@@ -63,45 +62,21 @@ def measure_script_sps(script: str, flags: list[str], run_name: str, workdir: Pa
             "training": training_sps(run_dir), "summary": read_summary(run_dir)}
 
 
-def fill_random(rb: Any, slots: int, num_envs: int, n_actions: int, seed: int = 0) -> None:
-    """Fills `slots` slots per env through the buffer's own add(): random frames, actions and 0/1 rewards, 2% dones
-    (life losses), and the first slot of each stream marked as a game's first frame, as the script does at reset."""
-    rng = np.random.default_rng(seed)
-    zeros = np.zeros(num_envs)
-    rb.add(rng.integers(0, 256, (num_envs, 84, 84), dtype=np.uint8), zeros, zeros, zeros, zeros,
-           firsts=np.ones(num_envs, dtype=bool))
-    for _ in range(slots - 1):
-        rb.add(rng.integers(0, 256, (num_envs, 84, 84), dtype=np.uint8), rng.integers(n_actions, size=num_envs),
-               (rng.random(num_envs) < 0.05).astype(np.float64), rng.random(num_envs) < 0.02,
-               np.zeros(num_envs, dtype=bool), firsts=np.zeros(num_envs, dtype=bool))
-
-
-def make_update(mod: ModuleType, rb: Any, n_actions: int, batch_size: int, device: torch.device,
-                plain: bool = False) -> Callable[[], Any]:
-    """One update of the script (sample a batch, its own train_step) on the networks and optimizer of its own RunState
-    (channels-last conv weights, fused Adam), or with plain=True built as CleanRL and SB3 build them (NCHW weights,
-    for-loop Adam): the same math, for a same-machine comparison of the update alone."""
-    args = mod.Args()
-    if plain:
-        q_network = mod.QNetwork(n_actions).to(device)
-        target_network = mod.QNetwork(n_actions).to(device)
-        target_network.load_state_dict(q_network.state_dict())
-        adam_kwargs = {"eps": args.adam_eps} if hasattr(args, "adam_eps") else {}
-        optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, fused=False, **adam_kwargs)
-    else:
-        run = mod.RunState(args, n_actions, device)
-        q_network, target_network, optimizer = run.q_network, run.target_network, run.optimizer
-    if hasattr(rb, "update_priorities"):  # dqn_atari_dueling_per.py: PER sampling and priority updates
-        return lambda: mod.train_step(q_network, target_network, optimizer, rb,
-                                      rb.sample(batch_size, args.prioritized_replay_beta0), args.max_grad_norm)
-    return lambda: mod.train_step(q_network, target_network, optimizer, rb.sample(batch_size))
+def fill_random(rb: Any, n_actions: int, seed: int = 0) -> None:
+    """Fills every slot of a 1-env buffer through its own add(): random frames, actions and 0/1 rewards, 2% dones
+    (life losses), and the first slot marked as a game's first frame, as the script does at reset."""
+    rng, zeros, no = np.random.default_rng(seed), np.zeros(1), np.zeros(1, dtype=bool)
+    rb.add(rng.integers(0, 256, (1, 84, 84), dtype=np.uint8), zeros, zeros, zeros, zeros, firsts=~no)
+    for _ in range(rb.per_env - 1):
+        rb.add(rng.integers(0, 256, (1, 84, 84), dtype=np.uint8), rng.integers(n_actions, size=1),
+               (rng.random(1) < 0.05).astype(np.float64), rng.random(1) < 0.02, no, firsts=no)
 
 
 @dataclass
 class UpdateCost:
     """One gradient update of an Atari script, timed outside its training loop -> results/update_cost__*.json."""
 
-    script: str = "dqn_atari.py"  # the Atari script whose update is timed
+    script: AtariScript = "dqn_atari.py"  # the Atari script whose update is timed
     env_id: str = "BreakoutNoFrameskip-v4"  # the game (it sets the number of actions)
     cuda: bool = False  # time on the GPU
     capacity: int = 12_000  # replay capacity filled with random frames
@@ -111,26 +86,37 @@ class UpdateCost:
     plain: bool = False  # build networks and optimizer as CleanRL and SB3 do (NCHW weights, for-loop Adam)
     out: Optional[Path] = None  # the JSON file (default: results/update_cost__{script}[__plain][__cuda].json)
 
+    def make_update(self, mod: Any, rb: Any, n_actions: int, device: torch.device) -> Callable[[], Any]:
+        """One update of the script (sample a batch, its own train_step) on the networks and optimizer of its own
+        RunState (channels-last conv weights, fused Adam), or with --plain built as CleanRL and SB3 build them (NCHW
+        weights, for-loop Adam): the same math, for a same-machine comparison of the update alone."""
+        args = mod.Args()
+        if self.plain:
+            q_network, target_network = mod.QNetwork(n_actions).to(device), mod.QNetwork(n_actions).to(device)
+            target_network.load_state_dict(q_network.state_dict())
+            adam_kwargs = {"eps": args.adam_eps} if hasattr(args, "adam_eps") else {}
+            optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, fused=False, **adam_kwargs)
+        else:
+            run = mod.RunState(args, n_actions, device)
+            q_network, target_network, optimizer = run.q_network, run.target_network, run.optimizer
+        if hasattr(rb, "update_priorities"):  # dqn_atari_dueling_per.py: PER sampling and priority updates
+            return lambda: mod.train_step(q_network, target_network, optimizer, rb,
+                                          rb.sample(self.batch_size, args.prioritized_replay_beta0), args.max_grad_norm)
+        return lambda: mod.train_step(q_network, target_network, optimizer, rb.sample(self.batch_size))
+
     def measure(self, warmup: int = 20, blocks: int = 5) -> dict[str, Any]:
         """Seconds per update, from `iters` updates timed in `blocks` equal blocks after `warmup` untimed ones (sps
         calls it in a fresh process)."""
-        mod = load_script(self.script)
+        mod, device = load_script(self.script), pick_device(self.cuda)
         defaults = mod.Args()
-        device = torch.device("cuda" if self.cuda and torch.cuda.is_available() else "cpu")
         torch.manual_seed(defaults.seed)
         torch.backends.cudnn.deterministic = defaults.torch_deterministic  # as the script sets it
-        game, sticky = mod.atari_game(self.env_id)
-        probe = mod.make_env(game, 1, sticky, 108_000, train=True)
-        n_actions = int(probe.single_action_space.n)
-        probe.close()
-        rb_kwargs = {}
-        if hasattr(defaults, "prioritized_replay_alpha"):  # the PER buffer's priority exponent and floor
-            rb_kwargs = {"alpha": defaults.prioritized_replay_alpha, "eps": defaults.prioritized_replay_eps}
-        # 1 env; storage on the learner's device
-        rb = mod.ReplayBuffer(self.capacity, 1, device, device, defaults.gamma, **rb_kwargs)
-        fill_random(rb, rb.per_env, 1, n_actions)
-        update = make_update(mod, rb, n_actions, self.batch_size, device, self.plain)
-        block_seconds = timed_blocks(update, device, warmup, self.iters, blocks)
+        n_actions = mod.count_actions(*mod.atari_game(self.env_id), 108_000)
+        per = hasattr(defaults, "prioritized_replay_alpha")  # the PER buffer's priority exponent and floor
+        rb_kwargs = {"alpha": defaults.prioritized_replay_alpha, "eps": defaults.prioritized_replay_eps} if per else {}
+        rb = mod.ReplayBuffer(self.capacity, 1, device, device, defaults.gamma, **rb_kwargs)  # 1 env, on the device
+        fill_random(rb, n_actions)
+        block_seconds = timed_blocks(self.make_update(mod, rb, n_actions, device), warmup, self.iters, blocks)
         return {"script": self.script, "plain": self.plain, "device": str(device),
                 "torch_threads": torch.get_num_threads(), "n_actions": n_actions, "capacity": self.capacity,
                 "batch_size": self.batch_size, "warmup": warmup, "iters": max(1, self.iters // blocks) * blocks,
@@ -138,9 +124,6 @@ class UpdateCost:
                 "block_max_s": max(block_seconds)}
 
     def run(self) -> None:
-        require_cuda(self.cuda)
-        if self.script not in ATARI_SCRIPTS:
-            raise SystemExit(f"--script must be one of {ATARI_SCRIPTS}")
         r = self.measure()
         row = [r["script"], "plain (CleanRL/SB3 style)" if self.plain else "as the script", r["device"],
                r["torch_threads"], 1e3 * r["seconds_per_update"], 1e3 * r["block_min_s"], 1e3 * r["block_max_s"],
@@ -156,7 +139,7 @@ class UpdateCost:
 class Sps(AtariBenchConfig):
     """Training-phase SPS of the scripts in a fixed config, the update-cost bound, CleanRL's SPS -> results/sps.json."""
 
-    scripts: tuple[str, ...] = SCRIPTS  # which scripts to measure
+    scripts: tuple[Script, ...] = SCRIPTS  # which scripts to measure
     cartpole_timesteps: int = 20_000  # env steps of the dqn_cartpole.py run (its other flags stay at their defaults)
     update_iters: int = 500  # timed updates of the update-cost harness, per Atari script (0: skip the harness)
     out: Optional[Path] = None  # the JSON file (default: {out-dir}/sps.json)
@@ -164,21 +147,17 @@ class Sps(AtariBenchConfig):
     def measure_atari(self, script: str, tag: str) -> dict[str, Any]:
         """One training run in the fixed config, then the update cost of the same script in a fresh process."""
         run_name = run_name_for(self.env_id, script, self.seed, tag)
-        run = measure_script_sps(script, self.script_flags(run_name), run_name, self.out_dir / "sps")
-        result: dict[str, Any] = dict(run)
+        result = measure_script_sps(script, self.script_flags(run_name), run_name, self.out_dir / "sps")
+        sps = result["training"]["sps"]
         if self.update_iters > 0:
-            harness = UpdateCost(script, self.env_id, self.cuda, self.capacity(), self.batch_size, self.update_iters)
+            harness = UpdateCost(script, self.env_id, self.cuda, self.buffer_size, self.batch_size, self.update_iters)
             cost = in_fresh_process(harness.measure)
             bound = self.train_frequency / cost["seconds_per_update"]
-            result["update_cost"] = {**cost, "bound_sps": bound, "sps_over_bound": run["training"]["sps"] / bound}
-        result["sps_over_cleanrl"] = run["training"]["sps"] / REFERENCES["cleanrl_atari_sps"].value
-        return result
+            result["update_cost"] = {**cost, "bound_sps": bound, "sps_over_bound": sps / bound}
+        return {**result, "sps_over_cleanrl": sps / REFERENCES["cleanrl_atari_sps"].value}
 
     def run(self) -> None:
-        if unknown := set(self.scripts) - set(SCRIPTS):
-            raise SystemExit(f"unknown --scripts {sorted(unknown)}; choose from {SCRIPTS}")
-        require_cuda(self.cuda)
-        tag = timestamp_tag("sps")
+        device, tag = pick_device(self.cuda), timestamp_tag("sps")
         atari = [self.measure_atari(s, tag) for s in ATARI_SCRIPTS if s in self.scripts]
         cartpole = None
         if CARTPOLE_SCRIPT in self.scripts:
@@ -186,56 +165,48 @@ class Sps(AtariBenchConfig):
             flags = ["--seed", str(self.seed), "--run-name", run_name, "--total-timesteps",
                      str(self.cartpole_timesteps), "--cuda" if self.cuda else "--no-cuda"]
             cartpole = measure_script_sps(CARTPOLE_SCRIPT, flags, run_name, self.out_dir / "sps")
+        rows = []
+        for r in [*atari, cartpole] if cartpole else atari:
+            training, cost = r["training"], r.get("update_cost") or {}
+            rows.append([r["script"], training["sps"], int(training["first_step"]), int(training["last_step"]),
+                         r["wall_s"], 1e3 * cost["seconds_per_update"] if cost else None, cost.get("bound_sps"),
+                         cost.get("sps_over_bound"), r.get("sps_over_cleanrl")])
+        print(f"\nTraining-phase SPS on {device.type}. Atari: {self.env_id}, {self.num_envs} env(s), batch "
+              f"{self.batch_size}, train every {self.train_frequency}, {self.total_timesteps:,} steps, learning starts "
+              f"{self.learning_starts:,}. CartPole-v1: dqn_cartpole.py defaults, {self.cartpole_timesteps:,} steps "
+              "(its periodic evaluations and checkpoints fall inside the window).")
+        print(format_table(["script", "training SPS", "from step", "to step", "whole run s", "ms/update", "bound SPS",
+                            "SPS/bound", "SPS/CleanRL*"], rows, digits=2))
         references = ["cleanrl_atari_sps", "sb3_atari_sps", "nature_cnn_update_ms"]
-        if atari:
-            cleanrl, sb3, update = (REFERENCES[k] for k in references)
-            costs = [r.get("update_cost", {}) for r in atari]
-            rows = [[r["script"], self.num_envs, "cuda" if self.cuda else "cpu", r["training"]["sps"],
-                     1e3 * c["seconds_per_update"] if c else None, c.get("bound_sps"), c.get("sps_over_bound"),
-                     cleanrl.value, r["sps_over_cleanrl"]] for r, c in zip(atari, costs)]
-            print(f"\nAtari training-phase SPS ({self.env_id}, batch {self.batch_size}, train every "
-                  f"{self.train_frequency}, {self.total_timesteps:,} steps, learning starts {self.learning_starts:,}):")
-            print(format_table(["script", "envs", "device", "training SPS", "ms/update", "bound SPS", "SPS/bound",
-                                "CleanRL SPS*", "SPS/CleanRL"], rows, digits=2))
-            print(f"* {cleanrl.source}: {cleanrl.note}. The ratio compares across machines unless this ran on that "
-                  f"CPU with 1 env.\nAlso there: {sb3.note}: {sb3.value:g} SPS; {update.note}.")
-        if cartpole:
-            training = cartpole["training"]
-            print(f"\nCartPole-v1, dqn_cartpole.py defaults, {self.cartpole_timesteps:,} steps (its periodic "
-                  "evaluations and checkpoints fall inside the window):")
-            print(format_table(["script", "training SPS", "from step", "to step", "whole run s"],
-                               [[cartpole["script"], training["sps"], int(training["first_step"]),
-                                 int(training["last_step"]), cartpole["wall_s"]]], digits=1))
-        config = {k: v for k, v in asdict(self).items() if k not in ("out", "out_dir")}
+        cleanrl, sb3, update = (REFERENCES[k] for k in references)
+        print(f"* CleanRL {cleanrl.value:g} SPS, {cleanrl.source}: {cleanrl.note}. The ratio compares across machines "
+              f"unless this ran on that CPU with 1 env.\nAlso there: {sb3.note}: {sb3.value:g} SPS; {update.note}.")
         write_json(self.out or self.out_dir / "sps.json",
-                   {"config": {**config, "buffer_size": self.capacity()}, "atari": atari, "cartpole": cartpole,
-                    "references": references_json(references)})
+                   {"config": {k: v for k, v in asdict(self).items() if k not in ("out", "out_dir")}, "atari": atari,
+                    "cartpole": cartpole, "references": references_json(references)})
 
 
-def tensor_bytes(obj: Any, _seen: Optional[set[int]] = None) -> int:
+def tensor_bytes(obj: Any, seen: Optional[set[int]] = None) -> int:
     """Bytes of all distinct tensors reachable from `obj` through attributes, lists, tuples and dicts (a tensor met
     twice, or a view of one counted, is counted once per storage)."""
-    seen = set() if _seen is None else _seen
+    seen = set() if seen is None else seen
     key = obj.untyped_storage().data_ptr() if isinstance(obj, torch.Tensor) else id(obj)
     if key in seen:
         return 0
     seen.add(key)
     if isinstance(obj, torch.Tensor):
         return obj.untyped_storage().nbytes()
+    if hasattr(obj, "__dict__") and not isinstance(obj, type):  # an object: its attributes
+        obj = vars(obj)
     if isinstance(obj, dict):
-        return sum(tensor_bytes(v, seen) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(tensor_bytes(v, seen) for v in obj)
-    if hasattr(obj, "__dict__") and not isinstance(obj, type):
-        return sum(tensor_bytes(v, seen) for v in vars(obj).values())
-    return 0
+        obj = list(obj.values())
+    return sum(tensor_bytes(v, seen) for v in obj) if isinstance(obj, (list, tuple)) else 0
 
 
 def replay_bytes(script: str, capacity: int, num_envs: int, full_capacity: int) -> dict[str, Any]:
     """Allocates the script's ReplayBuffer with `capacity` on the CPU and measures it; bytes_needed at full size."""
-    mod = load_script(script)
-    allocated = tensor_bytes(mod.ReplayBuffer(capacity, num_envs, torch.device("cpu"), torch.device("cpu"),
-                                              mod.Args().gamma))
+    mod, cpu = load_script(script), torch.device("cpu")
+    allocated = tensor_bytes(mod.ReplayBuffer(capacity, num_envs, cpu, cpu, mod.Args().gamma))
     needed_full = mod.ReplayBuffer.bytes_needed(full_capacity, num_envs)
     return {"script": script, "capacity": capacity, "num_envs": num_envs, "allocated_bytes": allocated,
             "bytes_per_transition": allocated / capacity,
@@ -257,20 +228,18 @@ class Memory:
         # each buffer in its own process, so that one freed buffer cannot make the next look cheaper or dearer
         ours = [in_fresh_process(replay_bytes, s, self.capacity, self.num_envs, self.full_capacity)
                 for s in ATARI_SCRIPTS]
-        rows: list[list[Any]] = [[r["script"], r["bytes_per_transition"] / KB, r["bytes_needed_full"] / 1e9,
-                                  "allocated here"] for r in ours]
-        notes = []
-        for key, name in [("cleanrl_replay_kb", "CleanRL dqn_atari.py"), ("sb3_replay_kb", "SB3 DQN (default)")]:
-            ref = REFERENCES[key]
-            rows.append([name, ref.value, ref.value * KB * self.full_capacity / 1e9, "reference*"])
-            notes.append(f"{name}: {ref.note}")
+        rows = [[r["script"], r["bytes_per_transition"] / KB, r["bytes_needed_full"] / 1e9, "allocated here"]
+                for r in ours]
+        peers = {"cleanrl_replay_kb": "CleanRL dqn_atari.py", "sb3_replay_kb": "SB3 DQN (default)"}
+        rows += [[name, REFERENCES[key].value, REFERENCES[key].value * KB * self.full_capacity / 1e9, "reference*"]
+                 for key, name in peers.items()]
         print(f"Replay memory per Atari transition (KB = 1000 bytes; our buffers allocated at {self.capacity:,} "
               f"transitions, {self.num_envs} env(s); GB at {self.full_capacity:,} from bytes_needed for ours):")
         print(format_table(["replay", "KB/transition", f"GB at {self.full_capacity:,}", "source"], rows, digits=2))
-        print(f"* {REFERENCES['cleanrl_replay_kb'].source}; " + "; ".join(notes))
+        print(f"* {REFERENCES['cleanrl_replay_kb'].source}; "
+              + "; ".join(f"{name}: {REFERENCES[key].note}" for key, name in peers.items()))
         write_json(self.out, {"config": {k: v for k, v in asdict(self).items() if k != "out"}, "ours": ours,
-                              "references": references_json(["cleanrl_replay_kb", "sb3_replay_kb",
-                                                             "dedup_replay_kb"])})
+                              "references": references_json([*peers, "dedup_replay_kb"])})
 
 
 def sb3_env(env_id: str, n_envs: int, seed: int) -> Any:
@@ -338,35 +307,34 @@ def sb3_run(env_id: str, n_envs: int, seed: int, device: str, settings: dict[str
                        "arrays": {k: [list(v.shape), str(v.dtype), v.nbytes] for k, v in arrays.items()}}}
 
 
+# dqn_atari.py's defaults, in SB3's DQN arguments; a configuration adds the buffer, the schedule and the batches
+SB3_AS_DQN_ATARI = dict(learning_rate=1e-4, tau=1.0, gamma=0.99, target_update_interval=1_000,
+                        exploration_initial_eps=1.0, exploration_final_eps=0.01, optimize_memory_usage=False)
+
+
 @dataclass
 class Sb3Compare(AtariBenchConfig):
     """SB3's DQN and our Atari script, same config and machine: SPS and replay bytes -> results/sb3_compare.json."""
 
-    script: str = "dqn_atari.py"  # our Atari script to compare
+    script: AtariScript = "dqn_atari.py"  # our Atari script to compare
     out: Optional[Path] = None  # the JSON file (default: {out-dir}/sb3_compare.json)
 
     def run(self) -> None:
-        if self.script not in ATARI_SCRIPTS:
-            raise SystemExit(f"--script must be one of {ATARI_SCRIPTS}")
         if self.num_envs != 1:
             print(f"note: ours runs {self.num_envs} envs, SB3 1: the ratio then compares setups, not implementations")
-        require_cuda(self.cuda)
+        device = pick_device(self.cuda).type
         run_name = run_name_for(self.env_id, self.script, self.seed, timestamp_tag("sb3cmp"))
         ours = measure_script_sps(self.script, self.script_flags(run_name), run_name, self.out_dir / "sb3_compare")
         print("$ SB3 DQN in a fresh process", flush=True)
-        config = {k: v for k, v in asdict(self).items() if k in AtariBenchConfig.__dataclass_fields__}
-        settings = dict(learning_rate=1e-4, buffer_size=self.capacity(), learning_starts=self.learning_starts,
-                        batch_size=self.batch_size, tau=1.0, gamma=0.99, train_freq=self.train_frequency,
-                        gradient_steps=1, target_update_interval=1_000, exploration_fraction=0.1,
-                        exploration_initial_eps=1.0, exploration_final_eps=0.01,
-                        optimize_memory_usage=False)  # dqn_atari.py's defaults
-        device = "cuda" if self.cuda else "cpu"
+        settings = dict(SB3_AS_DQN_ATARI, buffer_size=self.buffer_size, learning_starts=self.learning_starts,
+                        batch_size=self.batch_size, train_freq=self.train_frequency, gradient_steps=1,
+                        exploration_fraction=0.1)
         sb3 = in_fresh_process(sb3_run, self.env_id, 1, self.seed, device, settings, self.total_timesteps)
-        our_memory = in_fresh_process(replay_bytes, self.script, self.capacity(), self.num_envs, 1_000_000)
+        our_memory = in_fresh_process(replay_bytes, self.script, self.buffer_size, self.num_envs, 1_000_000)
         ratio = ours["training"]["sps"] / sb3["training"]["sps"]
         print(f"\n{self.env_id}, batch {self.batch_size}, train every {self.train_frequency}, "
               f"{self.total_timesteps:,} steps, learning starts {self.learning_starts:,}, buffer "
-              f"{self.capacity():,}, {device}:")
+              f"{self.buffer_size:,}, {device}:")
         print(format_table(["implementation", "envs", "device", "training SPS", "replay KB/transition"],
                            [[self.script, self.num_envs, device, ours["training"]["sps"],
                              our_memory["bytes_per_transition"] / KB],
@@ -375,7 +343,7 @@ class Sb3Compare(AtariBenchConfig):
         print(f"ours / SB3: {ratio:.2f}x SPS, "
               f"{sb3['replay']['bytes_per_transition'] / our_memory['bytes_per_transition']:.1f}x less replay memory")
         write_json(self.out or self.out_dir / "sb3_compare.json",
-                   {"config": {**config, "buffer_size": self.capacity(), "script": self.script},
+                   {"config": {k: v for k, v in asdict(self).items() if k != "out"},
                     "ours": {**ours, "replay": our_memory}, "sb3": sb3, "sps_ratio_ours_over_sb3": ratio})
 
 
@@ -394,7 +362,7 @@ class PerCost:
     def measure(self, device: torch.device, num_envs: int = 8) -> list[dict[str, Any]]:
         """The sum tree alone, the full buffer (made full through its state_dict), and add of one vector step of
         `num_envs` envs (the scripts' default)."""
-        mod = load_script(PER_SCRIPT)
+        mod = load_script(ATARI_SCRIPTS[1])
         torch.manual_seed(0)
         rows: list[dict[str, Any]] = []
 
@@ -403,7 +371,7 @@ class PerCost:
 
         def time_it(what: str, leaves: int, batch_size: int, step: Callable[[], Any]) -> None:
             rows.append({"what": what, "capacity": self.capacity, "leaves": leaves, "batch_size": batch_size,
-                         "device": str(device), "seconds": timed_blocks(step, device, self.warmup, self.iters)[0]})
+                         "device": str(device), "seconds": timed_blocks(step, self.warmup, self.iters)[0]})
 
         tree = mod.SumTree(self.capacity, device)
         tree.set(torch.arange(self.capacity, device=device), priorities(self.capacity))
@@ -430,10 +398,9 @@ class PerCost:
         return rows
 
     def run(self) -> None:
-        require_cuda(self.cuda)
-        device = torch.device("cuda" if self.cuda else "cpu")
+        device = pick_device(self.cuda)
         rows = self.measure(device)
-        print(f"PER cost per batch, {PER_SCRIPT}, capacity {self.capacity:,} ({device}, "
+        print(f"PER cost per batch, {ATARI_SCRIPTS[1]}, capacity {self.capacity:,} ({device}, "
               f"{torch.get_num_threads()} threads):")
         print(format_table(["what", "leaves", "batch", "ms per batch (sample + priority update; add: one vector step)"],
                            [[r["what"], r["leaves"], r["batch_size"], 1e3 * r["seconds"]] for r in rows], digits=3))
@@ -472,7 +439,7 @@ class CartpoleSolve:
     script_flags: tyro.conf.Positional[tuple[str, ...]] = ()  # dqn_cartpole.py's flags, after --
 
     def run(self) -> None:
-        require_cuda(self.cuda)
+        pick_device(self.cuda)
         tag, workdir, results = timestamp_tag("solve"), self.out_dir / "cartpole_solve", []
         for seed in self.seeds:
             run_name = run_name_for("CartPole-v1", CARTPOLE_SCRIPT, seed, tag)
@@ -488,13 +455,13 @@ class CartpoleSolve:
                              r["process_wall_s"], r["summary"].get("best_eval_return")] for r in results], digits=1))
         print(f"solved {summary['solved']}/{summary['seeds']} seeds; median over solved seeds: "
               f"{fmt(summary['median_steps'], 0)} steps, {fmt(summary['median_seconds'])} s")
-        steps, secs = REFERENCES["cleanrl_cartpole_steps"], REFERENCES["cleanrl_cartpole_seconds"]
+        references = ["cleanrl_cartpole_steps", "cleanrl_cartpole_seconds"]
+        steps, secs = (REFERENCES[k] for k in references)
         print(f"reference: CleanRL dqn.py ~{steps.value:,.0f} steps, ~{secs.value:.0f} s ({steps.source}; "
               f"{steps.note})")
         write_json(self.out_dir / "cartpole_solve.json",
                    {"config": {k: v for k, v in asdict(self).items() if k != "out_dir"}, "results": results,
-                    "summary": summary,
-                    "references": references_json(["cleanrl_cartpole_steps", "cleanrl_cartpole_seconds"])})
+                    "summary": summary, "references": references_json(references)})
 
 
 COMMANDS = {"sps": Sps, "update-cost": UpdateCost, "memory": Memory, "sb3-compare": Sb3Compare, "per-cost": PerCost,

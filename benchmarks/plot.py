@@ -10,6 +10,7 @@ from typing import Any, Literal, Optional, Sequence
 
 import numpy as np
 import tyro
+from matplotlib.figure import Figure
 
 from benchmarks.common import (PUBLISHED_NOTE, PUBLISHED_SCORES, RESULTS_DIR, ScalarPoint, describe_machine,
                                format_table, iqm_ci, machine_info, read_hparams, read_json, read_scalars, write_json)
@@ -150,18 +151,15 @@ def scores_markdown(scores: dict[tuple[str, str], dict[str, Any]], last_episodes
 
 def plot_env(env_id: str, groups: dict[str, list[RunData]], spread: Spread, smooth: int, out: Path,
              reference_lines: bool = True) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), dpi=100)
-    for ax, tag, title in [(axes[0], EVAL_TAG, "evaluation return"), (axes[1], TRAIN_TAG, "training episode return")]:
+    fig = Figure(figsize=(9, 3.2), dpi=100)  # drawn for a file only: no pyplot, no display
+    panels = {EVAL_TAG: "evaluation return", TRAIN_TAG: "training episode return"}
+    for ax, (tag, title) in zip(fig.subplots(1, 2), panels.items()):
         for exp_name, runs in sorted(groups.items()):
-            curves = []
-            for r in runs:
-                points = r.eval if tag == EVAL_TAG else r.train
-                steps, values = np.array([p.step for p in points]), np.array([p.value for p in points])
-                curves.append(moving_average(steps, values, smooth) if tag == TRAIN_TAG and len(points) else
-                              (steps, values))
+            curves = [(np.array([p.step for p in points]), np.array([p.value for p in points]))
+                      for points in (r.eval if tag == EVAL_TAG else r.train for r in runs)]
+            if tag == TRAIN_TAG:
+                curves = [moving_average(steps, values, smooth) if len(steps) else (steps, values)
+                          for steps, values in curves]
             if (agg := aggregate(curves, spread)) is None:
                 continue
             grid, mean, lo, hi = agg
@@ -178,8 +176,8 @@ def plot_env(env_id: str, groups: dict[str, list[RunData]], spread: Spread, smoo
                             va="bottom")
         style_axes(ax, title)
     band = "mean +- std over seeds" if spread == "std" else "mean, min/max over seeds"
-    fig.suptitle(f"{env_id} ({band}" + (f"; training returns: moving mean of {smooth} episodes)" if smooth > 1
-                                        else ")"), fontsize=9)
+    smoothing = f"; training returns: moving mean of {smooth} episodes" if smooth > 1 else ""
+    fig.suptitle(f"{env_id} ({band}{smoothing})", fontsize=9)
     return save_figure(fig, out / f"{env_id.replace('/', '-')}.png")
 
 
@@ -191,11 +189,9 @@ def style_axes(ax: Any, title: str) -> None:
     ax.legend(fontsize=7)
 
 
-def save_figure(fig: Any, path: Path) -> Path:
-    import matplotlib.pyplot as plt
+def save_figure(fig: Figure, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 

@@ -391,13 +391,14 @@ def test_old_layout_grid_folder_keeps_finished_cells_and_resumes_interrupted_one
 # ---------------------------------------------------------------------------------------------------------------------
 # atari_short
 # ---------------------------------------------------------------------------------------------------------------------
-def test_atari_short_cells_and_steady_sps():
+def test_atari_short_cells_and_sps_without_pauses():
     cells = atari_short.wanted_cells("BreakoutNoFrameskip-v4")
     assert [(c.script, c.seed) for c in cells] == [("dqn_atari.py", 1), ("dqn_atari.py", 2), ("dqn_atari.py", 3),
                                                    ("dqn_atari_dueling_per.py", 1), ("dqn_atari_dueling_per.py", 2)]
     assert all(c.run_name.endswith("__atari_short_breakout_after_issue22") for c in cells)  # no pre-fix cell counts
     # 100 steps/s while training; the 998 s pause (a resumption) is left out
-    assert atari_short.steady_sps([(0, 0.0), (100, 1.0), (200, 2.0), (300, 1000.0), (400, 1001.0)]) == 100.0
+    points = [(0, 0.0), (100, 1.0), (200, 2.0), (300, 1000.0), (400, 1001.0)]
+    assert common.sps_from_points(points, max_gap=atari_short.GAP_S)["sps"] == 100.0
 
 
 def test_atari_short_skips_recorded_cells_reports_and_refuses_another_protocol(tmp_path, monkeypatch, capsys):

@@ -149,6 +149,8 @@ def plot(data: dict[str, Any], env_id: str, out: Optional[Path] = None) -> Path:
     ax.set_ylabel("evaluation return (10 games, eps 0.05)", fontsize=8)
     style_axes(ax, f"{env_id}: short protocol (200k steps), each seed thin, mean bold")
     games_ax.set_ylabel(f"training game score, mean per {BIN // 1000}k steps", fontsize=8)
+    if not games_ax.lines:  # runs recorded before their training games were kept
+        games_ax.plot([], [], label="no run here recorded its training games")
     style_axes(games_ax, "training games (full games under epsilon)")
     return save_figure(fig, out or RESULTS_DIR / f"atari_short_{game_of(env_id)}.png")
 

@@ -661,9 +661,9 @@ def write_video(path: str, frames: list[np.ndarray], fps: int = 30) -> None:
 
 
 class Log:
-    """Where a run reports: TensorBoard (CleanRL's tags; synced to W&B with --track), the terminal (a progress line
-    on a tty), the best model, and runs/{run_name}/summary.json, written for programs when the run ends however it
-    ends (completed, goal reached, a signal, a non-finite loss, a crash)."""
+    """Where a run reports, and all it does: TensorBoard (CleanRL's tags; synced to W&B with --track), the terminal (a
+    progress line on a tty), and runs/{run_name}/summary.json, written for programs by end_run however the run ends
+    (completed, goal reached, a signal, a non-finite loss, a crash). It changes no state of the run."""
 
     def __init__(self, args: Args, files: RunFiles, run: RunState, resumed: bool):
         self.args, self.files, self.run = args, files, run

@@ -755,30 +755,25 @@ def fail(message: str) -> NoReturn:
 
 
 def validate_args(args: Args) -> None:
+    """Bad flags fail here, before anything is built or written."""
+    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
     for name, value in vars(args).items():
         if isinstance(value, float) and not math.isfinite(value):
-            fail(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+            fail(f"{flag(name)} must be a finite number, got {value}")
     if not 0 <= args.seed < 2**32:
         fail(f"--seed must be in [0, 2^32), got {args.seed}")
-    positive = ["total_timesteps", "num_envs", "buffer_size", "batch_size", "train_frequency", "eval_episodes"]
-    positive += ["target_network_frequency", "max_episode_frames"]
-    for name in positive:
-        if getattr(args, name) <= 0:
-            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ["learning_starts", "eval_frequency", "checkpoint_frequency"]:
-        if getattr(args, name) < 0:
-            fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if not args.learning_rate > 0:
-        fail(f"--learning-rate must be positive, got {args.learning_rate}")
-    for name in ["exploration_fraction", "tau"]:
-        if not 0 < getattr(args, name) <= 1:
-            fail(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(args, name)}")
-    for name in ["adam_eps", "max_grad_norm", "prioritized_replay_eps"]:
-        if not getattr(args, name) > 0:
-            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ["gamma", "start_e", "end_e", "eval_epsilon", "prioritized_replay_alpha", "prioritized_replay_beta0"]:
-        if not 0 <= getattr(args, name) <= 1:
-            fail(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    positive = ["total_timesteps", "num_envs", "buffer_size", "batch_size", "train_frequency", "eval_episodes",
+                "target_network_frequency", "max_episode_frames", "learning_rate", "adam_eps", "max_grad_norm",
+                "prioritized_replay_eps"]
+    unit = ["gamma", "start_e", "end_e", "eval_epsilon", "prioritized_replay_alpha", "prioritized_replay_beta0"]
+    rules = [("must be positive", lambda v: v > 0, positive),
+             ("must be >= 0", lambda v: v >= 0, ["learning_starts", "eval_frequency", "checkpoint_frequency"]),
+             ("must be in (0, 1]", lambda v: 0 < v <= 1, ["exploration_fraction", "tau"]),
+             ("must be in [0, 1]", lambda v: 0 <= v <= 1, unit)]
+    for rule, ok, names in rules:
+        for name in names:
+            if not ok(getattr(args, name)):
+                fail(f"{flag(name)} {rule}, got {getattr(args, name)}")
     if args.buffer_size < args.batch_size:
         fail(f"--buffer-size ({args.buffer_size}) must be >= --batch-size ({args.batch_size})")
     if args.learning_starts >= args.total_timesteps and not args.play:
@@ -786,7 +781,7 @@ def validate_args(args: Args) -> None:
     for name in ["exp_name", "run_name"]:
         value = getattr(args, name)
         if value is not None and (not RUN_NAME_RE.fullmatch(value) or ".." in value):
-            fail(f"--{name.replace('_', '-')} {value!r} must be a plain name (letters, digits, . _ = + -)")
+            fail(f"{flag(name)} {value!r} must be a plain name (letters, digits, . _ = + -)")
 
 
 def count_actions(game: str, sticky: float, max_frames: int) -> int:

@@ -468,27 +468,24 @@ def fail(message: str) -> NoReturn:
 
 
 def validate_args(args: Args) -> None:
+    """Bad flags fail here, before anything is built or written."""
+    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
     for name, value in vars(args).items():
         if isinstance(value, float) and not math.isfinite(value):
-            fail(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+            fail(f"{flag(name)} must be a finite number, got {value}")
     if not 0 <= args.seed < 2**32:
         fail(f"--seed must be in [0, 2^32), got {args.seed}")
-    positive = ["total_timesteps", "num_envs", "buffer_size", "batch_size", "train_frequency", "eval_episodes"]
-    positive += ["target_network_frequency"]
-    for name in positive:
-        if getattr(args, name) <= 0:
-            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ["learning_starts", "eval_frequency", "checkpoint_frequency"]:
-        if getattr(args, name) < 0:
-            fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if not args.learning_rate > 0:
-        fail(f"--learning-rate must be positive, got {args.learning_rate}")
-    for name in ["exploration_fraction", "tau"]:
-        if not 0 < getattr(args, name) <= 1:
-            fail(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(args, name)}")
-    for name in ["gamma", "start_e", "end_e", "eval_epsilon"]:
-        if not 0 <= getattr(args, name) <= 1:
-            fail(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    positive = ["total_timesteps", "num_envs", "buffer_size", "batch_size", "train_frequency", "eval_episodes",
+                "target_network_frequency", "learning_rate"]
+    unit = ["gamma", "start_e", "end_e", "eval_epsilon"]
+    rules = [("must be positive", lambda v: v > 0, positive),
+             ("must be >= 0", lambda v: v >= 0, ["learning_starts", "eval_frequency", "checkpoint_frequency"]),
+             ("must be in (0, 1]", lambda v: 0 < v <= 1, ["exploration_fraction", "tau"]),
+             ("must be in [0, 1]", lambda v: 0 <= v <= 1, unit)]
+    for rule, ok, names in rules:
+        for name in names:
+            if not ok(getattr(args, name)):
+                fail(f"{flag(name)} {rule}, got {getattr(args, name)}")
     if not args.hidden_sizes or min(args.hidden_sizes) <= 0:
         fail(f"--hidden-sizes must be one or more positive layer widths, got {args.hidden_sizes}")
     if args.buffer_size < max(args.batch_size, args.num_envs):
@@ -498,7 +495,7 @@ def validate_args(args: Args) -> None:
     for name in ["exp_name", "run_name"]:
         value = getattr(args, name)
         if value is not None and (not RUN_NAME_RE.fullmatch(value) or ".." in value):
-            fail(f"--{name.replace('_', '-')} {value!r} must be a plain name (letters, digits, . _ = + -)")
+            fail(f"{flag(name)} {value!r} must be a plain name (letters, digits, . _ = + -)")
 
 
 def pick_device(args: Args) -> torch.device:

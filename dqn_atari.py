@@ -353,7 +353,7 @@ class ReplayBuffer:
         self.rewards = torch.zeros(slots, dtype=torch.float32, device=storage)
         self.terminations = torch.zeros(slots, dtype=torch.bool, device=storage)
         self.truncations = torch.zeros(slots, dtype=torch.bool, device=storage)
-        self.firsts = torch.zeros(slots, dtype=torch.bool, device=storage)
+        self.firsts = torch.ones(slots, dtype=torch.bool, device=storage)  # a slot not yet written is no transition
         self.pos, self.count = 0, 0  # the next slot written, and how many slots per env hold data
         # a slot known to hold a sampleable transition (host ints: no sync), as of each of the last HORIZON adds
         self.newest_transitions = [(0, 0)] * HORIZON

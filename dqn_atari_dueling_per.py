@@ -422,7 +422,7 @@ class ReplayBuffer:
 
     @staticmethod
     def bytes_needed(capacity: int, num_envs: int) -> int:
-        slots = num_envs * max(-(-capacity // num_envs), STACK + 2)
+        slots = num_envs * max(-(-capacity // num_envs), STACK + HORIZON + 1)
         return slots * (FRAME_BYTES + 8 + 4 + 3) + 2 * 2 * 8 * (1 << max(1, (slots - 1).bit_length()))
 
     def add(self, frames: np.ndarray, actions: np.ndarray, rewards: np.ndarray, terminations: np.ndarray,

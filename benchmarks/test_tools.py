@@ -394,7 +394,8 @@ def test_old_layout_grid_folder_keeps_finished_cells_and_resumes_interrupted_one
 def test_atari_short_cells_and_sps_without_pauses():
     cells = atari_short.wanted_cells("BreakoutNoFrameskip-v4")
     assert [(c.script, c.seed) for c in cells] == [("dqn_atari.py", 1), ("dqn_atari.py", 2), ("dqn_atari.py", 3),
-                                                   ("dqn_atari_dueling_per.py", 1), ("dqn_atari_dueling_per.py", 2)]
+                                                   ("dqn_atari_dueling_per.py", 1), ("dqn_atari_dueling_per.py", 2),
+                                                   ("dqn_atari_dueling_per.py", 3)]
     assert all(c.run_name.endswith("__atari_short_breakout_after_issue22") for c in cells)  # no pre-fix cell counts
     # 100 steps/s while training; the 998 s pause (a resumption) is left out
     points = [(0, 0.0), (100, 1.0), (200, 2.0), (300, 1000.0), (400, 1001.0)]
@@ -420,7 +421,7 @@ def test_atari_short_skips_recorded_cells_reports_and_refuses_another_protocol(t
     assert capsys.readouterr().out.strip() == "to run: " + sb3_cells
     assert ("BreakoutNoFrameskip-v4", 3) in atari_short.SB3_CELLS  # issue #22: three SB3 Breakout seeds
     assert atari_short.main(atari_short.Args(dry_run=True, out=empty, only="dqn_atari_dueling_per.py")) == 0
-    assert capsys.readouterr().out.count("__dqn_atari_dueling_per__") == 4
+    assert capsys.readouterr().out.count("__dqn_atari_dueling_per__") == 5
     assert atari_short.main(atari_short.Args(record_only=True, out=out)) == 0  # nothing to record: table and plot
     lines = (tmp_path / "atari_short.md").read_text().splitlines()
     cells = lambda line: [c.strip() for c in line.strip("|").split("|")]  # noqa: E731

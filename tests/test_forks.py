@@ -91,6 +91,7 @@ def test_n_step_targets_stop_at_a_life_loss_a_truncation_and_a_game_start(tmp_pa
         assert batch.observations[i, -1, 0, 0].item() == p - 1 and batch.actions[i].item() == p % 2
 
 
-def test_the_readme_shows_the_huber_recipe_as_it_is():
-    patch = (ROOT / "forks" / "huber.patch").read_text()
+@pytest.mark.parametrize("name", list(FORKS))
+def test_the_readme_shows_each_recipe_as_it_is(name):
+    patch = (ROOT / "forks" / f"{name}.patch").read_text()
     assert patch[patch.index("@@"):] in (ROOT / "README.md").read_text()

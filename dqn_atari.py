@@ -343,8 +343,7 @@ class ReplayBuffer:
     FIELDS = ("frames", "actions", "rewards", "terminations", "truncations", "firsts")  # one value per slot each
 
     def __init__(self, capacity: int, num_envs: int, storage: torch.device, device: torch.device, gamma: float):
-        # ceil so the buffer never holds less than asked; at least a stack and a transition (plus one) per env
-        self.per_env = max(-(-capacity // num_envs), STACK + HORIZON + 1)
+        self.per_env = self.slots_per_env(capacity, num_envs)
         self.num_envs, self.storage, self.device, self.gamma = num_envs, storage, device, gamma
         # not pinned: the pinned allocator would round 7.07 GB up to about 8.6 GB, and gather() pins each batch anyway
         slots = (num_envs, self.per_env)
@@ -359,8 +358,14 @@ class ReplayBuffer:
         self.newest_transitions = [(0, 0)] * HORIZON
 
     @staticmethod
+    def slots_per_env(capacity: int, num_envs: int) -> int:
+        """ceil(capacity / num_envs), so the buffer never holds less than asked; at least a stack and a transition
+        (plus one) per env."""
+        return max(-(-capacity // num_envs), STACK + HORIZON + 1)
+
+    @staticmethod
     def bytes_needed(capacity: int, num_envs: int) -> int:
-        return num_envs * max(-(-capacity // num_envs), STACK + HORIZON + 1) * (FRAME_BYTES + 8 + 4 + 3)
+        return num_envs * ReplayBuffer.slots_per_env(capacity, num_envs) * (FRAME_BYTES + 8 + 4 + 3)
 
     def add(self, frames: np.ndarray, actions: np.ndarray, rewards: np.ndarray, terminations: np.ndarray,
             truncations: np.ndarray, firsts: np.ndarray) -> None:

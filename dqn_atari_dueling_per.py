@@ -402,8 +402,7 @@ class ReplayBuffer:
 
     def __init__(self, capacity: int, num_envs: int, storage: torch.device, device: torch.device, gamma: float,
                  alpha: float = 0.6, eps: float = 1e-6):
-        # ceil so the buffer never holds less than asked; at least a stack and a transition (plus one) per env
-        self.per_env = max(-(-capacity // num_envs), STACK + HORIZON + 1)
+        self.per_env = self.slots_per_env(capacity, num_envs)
         self.num_envs, self.storage, self.device, self.gamma = num_envs, storage, device, gamma
         # not pinned: the pinned allocator would round 7.07 GB up to about 8.6 GB, and gather() pins each batch anyway
         slots = (num_envs, self.per_env)
@@ -421,8 +420,14 @@ class ReplayBuffer:
         self.pending: Optional[tuple] = None  # the last update's (slots, priorities, copy-done event), not yet applied
 
     @staticmethod
+    def slots_per_env(capacity: int, num_envs: int) -> int:
+        """ceil(capacity / num_envs), so the buffer never holds less than asked; at least a stack and a transition
+        (plus one) per env."""
+        return max(-(-capacity // num_envs), STACK + HORIZON + 1)
+
+    @staticmethod
     def bytes_needed(capacity: int, num_envs: int) -> int:
-        slots = num_envs * max(-(-capacity // num_envs), STACK + HORIZON + 1)
+        slots = num_envs * ReplayBuffer.slots_per_env(capacity, num_envs)
         return slots * (FRAME_BYTES + 8 + 4 + 3) + 2 * 2 * 8 * (1 << max(1, (slots - 1).bit_length()))
 
     def add(self, frames: np.ndarray, actions: np.ndarray, rewards: np.ndarray, terminations: np.ndarray,

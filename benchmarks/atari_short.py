@@ -180,6 +180,7 @@ class Args:
     record_only: bool = False  # train nothing: record the cells the grids finished (and the random baseline)
     sb3: bool = True  # also run Stable-Baselines3's DQN cell(s)
     only: Optional[str] = None  # run only this implementation's missing cells: dqn_atari.py, ..._dueling_per.py, sb3
+    env_id: Optional[str] = None  # run only this game's missing cells, e.g. BreakoutNoFrameskip-v4
     max_attempts: int = 3  # leave a grid cell alone after it failed this many times
     out: Path = RESULTS_DIR / "atari_short.json"  # the JSON record
     takeoff: bool = False  # train nothing: draw and tabulate issue #22's comparison into results/takeoff/
@@ -196,8 +197,8 @@ def main(args: Args) -> int:
     data = {"protocol": protocol, "random": saved.get("random", {}), "runs": saved.get("runs", [])}
     done = {(r["script"], r["env_id"], r["seed"]) for r in data["runs"]}
     todo = [c for env_id in PLAN for c in wanted_cells(env_id) if (c.script, c.env_id, c.seed) not in done
-            and args.only in (None, c.script)]
-    sb3_todo = [c for c in SB3_CELLS if args.sb3 and args.only in (None, "sb3")
+            and args.only in (None, c.script) and args.env_id in (None, c.env_id)]
+    sb3_todo = [c for c in SB3_CELLS if args.sb3 and args.only in (None, "sb3") and args.env_id in (None, c[0])
                 and not any(k[1:] == c and k[0].startswith("stable") for k in done)]
     if args.takeoff:
         text = takeoff(data)

@@ -26,6 +26,7 @@ import re
 import signal
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from typing import BinaryIO, Callable, NamedTuple, NoReturn, Optional
 
@@ -123,6 +124,10 @@ class Args:
     """the epsilon of the evaluation policy (Mnih et al. 2015: 0.05)"""
     channels_last: bool = True
     """keep conv weights channels-last (NHWC), which CPU convolution kernels run faster; same results up to rounding"""
+    cudagraphs: bool = False
+    """on a GPU, capture each update (forward, backward, Adam) in a CUDA graph: opt-in until measured faster"""
+    compile: bool = False
+    """on a GPU, torch.compile the networks (before any capture): opt-in until measured faster"""
 
 
 STACK = 4  # frames per observation
@@ -328,6 +333,62 @@ def train_step(q_network: nn.Module, target_network: nn.Module, optimizer: torch
     optimizer.step()
     rb.update_priorities(data.indices, td_target - q_taken)
     return torch.stack((loss.detach(), q_taken.detach().mean()))
+
+
+def make_learner(run: "RunState", rb: "ReplayBuffer", max_grad_norm: float,
+                 graphs: bool) -> Callable[["Batch"], torch.Tensor]:
+    """The update the loop runs on each sampled batch: train_step, eagerly; with `graphs` (--cudagraphs on a GPU that
+    holds the replay) captured in a CUDA graph at the first update and replayed after each new batch is copied into the
+    graph's input tensors: one launch for the forward, backward and Adam instead of about a hundred kernels. Each replay
+    hands its batch's new priorities to the replay buffer, as train_step does."""
+    def update(data: Batch) -> torch.Tensor:
+        return train_step(run.q_network, run.target_network, run.optimizer, rb, data, max_grad_norm)
+
+    if not graphs:
+        return update
+    graph, static = torch.cuda.CUDAGraph(), {}
+
+    def replay(data: Batch) -> torch.Tensor:
+        if not static:  # captured at the first update, whose batch gives the shapes
+            static["batch"] = Batch(*(t.clone() for t in data))
+            pending = rb.pending
+            static["stats"] = capture(graph, update, static["batch"], run)
+            static["pending"], rb.pending = rb.pending, pending  # the warm-up's priorities are dropped
+        for graph_input, value in zip(static["batch"], data):
+            graph_input.copy_(value, non_blocking=True)
+        graph.replay()
+        rb.pending = static["pending"]  # this batch's priorities from the graph, applied at the next add or sample
+        return static["stats"]  # overwritten by the next replay: Log.update copies it
+    return replay
+
+
+def capture(graph: "torch.cuda.CUDAGraph", update: Callable[["Batch"], torch.Tensor], batch: "Batch",
+            run: "RunState") -> torch.Tensor:
+    """Records update(batch) into `graph`. Capture needs a few eager updates first (Adam's state, library workspaces);
+    their changes to the weights and Adam's state are undone in place, at the addresses the graph reads."""
+    state = [v for s in run.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    before = {id(t): (t, t.clone()) for t in [*run.q_network.parameters(), *state]}
+    for group in run.optimizer.param_groups:
+        group["capturable"] = True  # read when step() is captured, not when it replays: checkpoints keep False
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Adam: "capturable=True but step() is running without graph capture"
+        for _ in range(3):
+            update(batch)
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.no_grad():
+        for s in run.optimizer.state.values():  # moments and step the warm-up created start at Adam's zeros
+            for v in s.values():
+                v.copy_(before[id(v)][1]) if id(v) in before else v.zero_()
+        for p in run.q_network.parameters():
+            p.copy_(before[id(p)][1])
+    run.optimizer.zero_grad(set_to_none=True)  # backward allocates the gradients in the graph's memory pool
+    with torch.cuda.graph(graph):
+        stats = update(batch)
+    for group in run.optimizer.param_groups:
+        group["capturable"] = False
+    return stats
 
 
 class Batch(NamedTuple):
@@ -663,6 +724,7 @@ def main(args: Args) -> None:
               f"learner on {device}", flush=True)
         if checkpoint and checkpoint["replay_buffer"] is not None:
             rb.load_state_dict(checkpoint["replay_buffer"])
+        learn = make_learner(run, rb, args.max_grad_norm, gpu_speedups(args, run, storage))
         envs = make_env(game, args.num_envs, sticky, args.max_episode_frames, train=True)
         files.create()  # the run folder, locked by this process until it ends
         log = Log(args, files, run, resumed=checkpoint is not None)
@@ -713,8 +775,7 @@ def main(args: Args) -> None:
                     run.held_out = rb.sample(HELD_OUT, beta)
                 if step % args.train_frequency == 0:
                     data = rb.sample(args.batch_size, beta)
-                    stats = train_step(run.q_network, run.target_network, run.optimizer, rb, data, args.max_grad_norm)
-                    log.update(stats, step)
+                    log.update(learn(data), step)
                     run.n_updates += 1
                     if run.n_updates % LOG_EVERY == 0:
                         bad_step = log.read_updates(step, epsilon, beta)  # sync point: once per LOG_EVERY updates
@@ -801,6 +862,23 @@ def pick_device(args: Args) -> torch.device:
         print("warning: --cuda is on (the default) but CUDA is not available; running on the CPU "
               "(--no-cuda silences this)", file=sys.stderr)
     return torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+
+def gpu_speedups(args: Args, run: RunState, storage: torch.device) -> bool:
+    """Applies --compile; returns whether --cudagraphs applies. Both need the learner on a GPU, and graphs the replay
+    there too (a batch gathered in host RAM is copied through pinned memory, which a graph cannot replay)."""
+    if not (args.cudagraphs or args.compile):
+        return False
+    if run.device.type != "cuda":
+        print("warning: --cudagraphs and --compile need a CUDA GPU; ignored on the CPU", file=sys.stderr)
+        return False
+    if args.compile:
+        run.q_network.compile()
+        run.target_network.compile()
+    if args.cudagraphs and storage.type != "cuda":
+        print("warning: --cudagraphs needs the replay in GPU memory, which it does not fit; running eagerly",
+              file=sys.stderr)
+    return args.cudagraphs and storage.type == "cuda"
 
 
 def available_ram() -> int:

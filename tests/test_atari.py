@@ -2,6 +2,7 @@
 those the agent acted on, bit for bit), life-loss / serve / reset-step / truncation handling, memory, smoke runs and TD
 targets."""
 
+import contextlib
 import re
 from typing import Optional
 
@@ -504,8 +505,128 @@ def test_play_mode_records_the_evaluated_game_as_video(script, tmp_path):
     assert ok and frame.shape == (210, 160, 3) and capture.get(cv2.CAP_PROP_FRAME_COUNT) > 20
 
 
+# ---------------------------------------------------------------- --cudagraphs and --compile
+def random_replay(dqn, device: torch.device, capacity: int = 400, num_envs: int = 2):
+    """A replay buffer filled through add() with random frames, actions, rewards and 2% life losses."""
+    kwargs = {"alpha": 0.6, "eps": 1e-6} if hasattr(dqn, "SumTree") else {}
+    rb, rng = dqn.ReplayBuffer(capacity, num_envs, device, device, 0.99, **kwargs), np.random.default_rng(0)
+    no = np.zeros(num_envs, dtype=bool)
+    rb.add(rng.integers(0, 256, (num_envs, 84, 84), dtype=np.uint8), *np.zeros((4, num_envs)), firsts=~no)
+    for _ in range(rb.per_env + 10):
+        rb.add(rng.integers(0, 256, (num_envs, 84, 84), dtype=np.uint8), rng.integers(4, size=num_envs),
+               rng.normal(size=num_envs), rng.random(num_envs) < 0.02, no, firsts=no)
+    return rb
+
+
+def learner(dqn, run, rb, graphs: bool):
+    """The script's make_learner: PER's also takes the buffer (its priority write-back) and the gradient clip."""
+    if hasattr(dqn, "SumTree"):
+        return dqn.make_learner(run, rb, run_args(dqn).max_grad_norm, graphs)
+    return dqn.make_learner(run, graphs)
+
+
+def run_args(dqn):
+    return dqn.Args(learning_rate=1e-3)  # a large step, so that an update left undone would show
+
+
+def sample(dqn, rb, batch_size: int = 32):
+    return rb.sample(batch_size, 0.4) if hasattr(dqn, "SumTree") else rb.sample(batch_size)
+
+
+def learner_state(run) -> list[torch.Tensor]:
+    return [*run.q_network.parameters(), *run.target_network.parameters(),
+            *(v for s in run.optimizer.state.values() for v in s.values())]
+
+
+@pytest.mark.parametrize("earlier_updates", [0, 2])  # a fresh Adam (no state yet), or a resumed one
+def test_capture_undoes_its_warm_up_updates_in_place(dqn, monkeypatch, earlier_updates):
+    """capture() runs eager warm-up updates before recording. With the CUDA calls stood in for on the CPU, recording
+    runs the update once, eagerly: the state after capture() must then equal exactly one eager update from the state
+    before it (weights, Adam's moments and step restored where the graph reads them), and the run keeps no trace of
+    the capture (capturable back to False, so that checkpoints load on a CPU)."""
+    class Stream:
+        def wait_stream(self, other):
+            pass
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph: contextlib.nullcontext())
+    cpu = torch.device("cpu")
+    rb = random_replay(dqn, cpu)
+    batches = [sample(dqn, rb) for _ in range(earlier_updates + 1)]
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        runs.append(dqn.RunState(run_args(dqn), 4, cpu))
+        for batch in batches[:-1]:
+            learner(dqn, runs[-1], rb, graphs=False)(batch)
+    captured, eager = runs
+    stats = dqn.capture(None, learner(dqn, captured, rb, graphs=False), batches[-1], captured)
+    expected = learner(dqn, eager, rb, graphs=False)(batches[-1])
+    assert torch.equal(stats, expected)
+    assert all(torch.equal(a, b) for a, b in zip(learner_state(captured), learner_state(eager), strict=True))
+    assert [g["capturable"] for g in captured.optimizer.param_groups] == [False]
+
+
+def test_gpu_flags_on_the_cpu_warn_once_and_change_nothing(dqn, capsys):
+    cpu = torch.device("cpu")
+    run = dqn.RunState(dqn.Args(), 4, cpu)
+    assert dqn.gpu_speedups(dqn.Args(cudagraphs=True, compile=True), run, cpu) is False
+    assert capsys.readouterr().err == "warning: --cudagraphs and --compile need a CUDA GPU; ignored on the CPU\n"
+    assert dqn.gpu_speedups(dqn.Args(), run, cpu) is False and capsys.readouterr().err == ""
+    assert not hasattr(run.q_network, "_compiled_call_impl") or run.q_network._compiled_call_impl is None
+
+
 # ---------------------------------------------------------------- CUDA (skipped where no GPU is present)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; this machine has none")
+
+
+@needs_cuda
+def test_cuda_graphed_updates_equal_eager_updates(dqn):
+    """50 updates from the same state on the same batches: the graph replays the eager update's kernels, so losses,
+    weights, Adam's state and (PER) the new priorities agree to float tolerance."""
+    cuda = torch.device("cuda")
+    rb = random_replay(dqn, cuda)
+    batches = [sample(dqn, rb) for _ in range(50)]
+    results = []
+    for graphs in (False, True):
+        torch.manual_seed(0)
+        run = dqn.RunState(run_args(dqn), 4, cuda)
+        learn, stats, priorities = learner(dqn, run, rb, graphs), [], []
+        for batch in batches:
+            stats.append(learn(batch).clone())
+            priorities.append(rb.pending[1].clone() if hasattr(dqn, "SumTree") else torch.zeros(1, device=cuda))
+        results.append((torch.stack(stats), torch.stack(priorities), learner_state(run)))
+    (stats_e, prio_e, state_e), (stats_g, prio_g, state_g) = results
+    assert torch.allclose(stats_e, stats_g, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(prio_e, prio_g, rtol=1e-4, atol=1e-8)
+    assert all(torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-6) for a, b in zip(state_e, state_g, strict=True))
+
+
+@needs_cuda
+def test_cuda_graphed_update_never_syncs_with_the_host(dqn):
+    cuda = torch.device("cuda")
+    rb = random_replay(dqn, cuda)
+    run = dqn.RunState(run_args(dqn), 4, cuda)
+    learn = learner(dqn, run, rb, graphs=True)
+    learn(sample(dqn, rb))  # the capture
+    batches = [sample(dqn, rb) for _ in range(10)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for batch in batches:
+            learn(batch)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@needs_cuda
+@pytest.mark.parametrize("flags", [["--cudagraphs"], ["--cudagraphs", "--compile"]])
+def test_cuda_graphs_smoke_run(script, tmp_path, flags):
+    result = run_script(script, *SMOKE, "--cuda", *flags, "--run-name", "smoke", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "learner on cuda" in result.stdout and "warning" not in result.stderr
+    assert finished_counts(tmp_path / "runs/smoke") == {"steps": 1200, "updates": 200, "target_syncs": 4}
 
 
 @needs_cuda

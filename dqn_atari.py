@@ -19,7 +19,8 @@ trains, so an update sees the buffer up to the previous vector step; replay stor
 stacks when sampling (7.07 KB per transition instead of 28.2 KB); the serve is one counted env step, and a restarted
 stack is zero-padded, [0, 0, 0, f], as ale-py and SB3 pad at reset (CleanRL repeats f four times); evaluation is
 separate: full games, epsilon 0.05, as in the paper. Until this serve was hidden and the stack restarted, this script
-took off 25-50k env steps later than its peers on Breakout (benchmarks/RESULTS.md section 12).
+took off 25-50k env steps later than its peers on Breakout (benchmarks/RESULTS.md section 12). On a GPU, --cudagraphs
+replays each update as one CUDA graph (opt-in, not yet measured: README, GPU notes).
 """
 
 import copy

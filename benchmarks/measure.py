@@ -38,10 +38,14 @@ class AtariBenchConfig:
     max_episode_frames: int = 10_000  # frame cap of an episode (bounds the final 1-episode evaluation; training too)
     num_envs: int = 1  # parallel envs of our scripts (SB3 always uses 1)
     cuda: bool = False  # run on the GPU (--cuda to the scripts) instead of the CPU
+    cudagraphs: bool = False  # --cudagraphs to the scripts (each update one CUDA graph; ignored on the CPU)
+    compile: bool = False  # --compile to the scripts (torch.compile of the networks; ignored on the CPU)
     out_dir: Path = RESULTS_DIR  # where JSON results, and the scripts' runs/ and logs go
 
     def __post_init__(self) -> None:
         self.buffer_size = self.buffer_size or self.total_timesteps
+        if (self.cudagraphs or self.compile) and not self.cuda:
+            raise SystemExit("--cudagraphs and --compile need --cuda")  # the scripts would ignore them on the CPU
 
     def script_flags(self, run_name: str) -> list[str]:
         """Our Atari scripts' flags for this config: evaluation only at the end (1 episode), no periodic checkpoint."""
@@ -50,7 +54,8 @@ class AtariBenchConfig:
                 "--batch-size", str(self.batch_size), "--train-frequency", str(self.train_frequency),
                 "--buffer-size", str(self.buffer_size), "--num-envs", str(self.num_envs),
                 "--eval-frequency", "0", "--eval-episodes", "1", "--max-episode-frames", str(self.max_episode_frames),
-                "--checkpoint-frequency", "0", "--cuda" if self.cuda else "--no-cuda"]
+                "--checkpoint-frequency", "0", "--cuda" if self.cuda else "--no-cuda",
+                *["--cudagraphs"] * self.cudagraphs, *["--compile"] * self.compile]
 
 
 def measure_script_sps(script: str, flags: list[str], run_name: str, workdir: Path) -> dict[str, Any]:
@@ -84,25 +89,30 @@ class UpdateCost:
     iters: int = 500  # timed updates
     train_frequency: int = 4  # env steps per update, for the bound train_frequency / seconds_per_update
     plain: bool = False  # build networks and optimizer as CleanRL and SB3 do (NCHW weights, for-loop Adam)
-    out: Optional[Path] = None  # the JSON file (default: results/update_cost__{script}[__plain][__cuda].json)
+    cudagraphs: bool = False  # each update replays one CUDA graph, as the scripts' --cudagraphs (needs --cuda)
+    out: Optional[Path] = None  # the JSON (default: results/update_cost__{script}[__plain][__cuda][__cudagraphs].json)
+
+    def __post_init__(self) -> None:
+        if self.cudagraphs and not self.cuda:
+            raise SystemExit("--cudagraphs needs --cuda")
 
     def make_update(self, mod: Any, rb: Any, n_actions: int, device: torch.device) -> Callable[[], Any]:
         """One update of the script (sample a batch, its own train_step) on the networks and optimizer of its own
         RunState (channels-last conv weights, fused Adam), or with --plain built as CleanRL and SB3 build them (NCHW
         weights, for-loop Adam): the same math, for a same-machine comparison of the update alone."""
         args = mod.Args()
+        run = mod.RunState(args, n_actions, device)
         if self.plain:
-            q_network, target_network = mod.QNetwork(n_actions).to(device), mod.QNetwork(n_actions).to(device)
-            target_network.load_state_dict(q_network.state_dict())
+            run.q_network, run.target_network = mod.QNetwork(n_actions).to(device), mod.QNetwork(n_actions).to(device)
+            run.target_network.load_state_dict(run.q_network.state_dict())
             adam_kwargs = {"eps": args.adam_eps} if hasattr(args, "adam_eps") else {}
-            optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, fused=False, **adam_kwargs)
-        else:
-            run = mod.RunState(args, n_actions, device)
-            q_network, target_network, optimizer = run.q_network, run.target_network, run.optimizer
+            run.optimizer = torch.optim.Adam(run.q_network.parameters(), lr=args.learning_rate, fused=False,
+                                             **adam_kwargs)
         if hasattr(rb, "update_priorities"):  # dqn_atari_dueling_per.py: PER sampling and priority updates
-            return lambda: mod.train_step(q_network, target_network, optimizer, rb,
-                                          rb.sample(self.batch_size, args.prioritized_replay_beta0), args.max_grad_norm)
-        return lambda: mod.train_step(q_network, target_network, optimizer, rb.sample(self.batch_size))
+            learn = mod.make_learner(run, rb, args.max_grad_norm, self.cudagraphs)
+            return lambda: learn(rb.sample(self.batch_size, args.prioritized_replay_beta0))
+        learn = mod.make_learner(run, self.cudagraphs)
+        return lambda: learn(rb.sample(self.batch_size))
 
     def measure(self, warmup: int = 20, blocks: int = 5) -> dict[str, Any]:
         """Seconds per update, from `iters` updates timed in `blocks` equal blocks after `warmup` untimed ones (sps
@@ -117,7 +127,7 @@ class UpdateCost:
         rb = mod.ReplayBuffer(self.capacity, 1, device, device, defaults.gamma, **rb_kwargs)  # 1 env, on the device
         fill_random(rb, n_actions)
         block_seconds = timed_blocks(self.make_update(mod, rb, n_actions, device), warmup, self.iters, blocks)
-        return {"script": self.script, "plain": self.plain, "device": str(device),
+        return {"script": self.script, "plain": self.plain, "cudagraphs": self.cudagraphs, "device": str(device),
                 "torch_threads": torch.get_num_threads(), "n_actions": n_actions, "capacity": self.capacity,
                 "batch_size": self.batch_size, "warmup": warmup, "iters": max(1, self.iters // blocks) * blocks,
                 "seconds_per_update": float(np.mean(block_seconds)), "block_min_s": min(block_seconds),
@@ -125,12 +135,12 @@ class UpdateCost:
 
     def run(self) -> None:
         r = self.measure()
-        row = [r["script"], "plain (CleanRL/SB3 style)" if self.plain else "as the script", r["device"],
-               r["torch_threads"], 1e3 * r["seconds_per_update"], 1e3 * r["block_min_s"], 1e3 * r["block_max_s"],
-               self.train_frequency / r["seconds_per_update"]]
+        built = "plain (CleanRL/SB3 style)" if self.plain else "as the script" + " + graphs" * self.cudagraphs
+        row = [r["script"], built, r["device"], r["torch_threads"], 1e3 * r["seconds_per_update"],
+               1e3 * r["block_min_s"], 1e3 * r["block_max_s"], self.train_frequency / r["seconds_per_update"]]
         print(format_table(["script", "networks + Adam", "device", "threads", "ms/update", "block min ms",
                             "block max ms", "bound SPS"], [row], digits=2))
-        suffix = ("__plain" if self.plain else "") + ("__cuda" if self.cuda else "")
+        suffix = "__plain" * self.plain + "__cuda" * self.cuda + "__cudagraphs" * self.cudagraphs
         name = f"update_cost__{self.script.removesuffix('.py')}{suffix}"
         write_json(self.out or RESULTS_DIR / f"{name}.json", {"config": asdict(self), "result": r})
 
@@ -150,7 +160,8 @@ class Sps(AtariBenchConfig):
         result = measure_script_sps(script, self.script_flags(run_name), run_name, self.out_dir / "sps")
         sps = result["training"]["sps"]
         if self.update_iters > 0:
-            harness = UpdateCost(script, self.env_id, self.cuda, self.buffer_size, self.batch_size, self.update_iters)
+            harness = UpdateCost(script, self.env_id, self.cuda, self.buffer_size, self.batch_size, self.update_iters,
+                                 cudagraphs=self.cudagraphs)
             cost = in_fresh_process(harness.measure)
             bound = self.train_frequency / cost["seconds_per_update"]
             result["update_cost"] = {**cost, "bound_sps": bound, "sps_over_bound": sps / bound}

@@ -600,7 +600,8 @@ def test_cuda_graphed_updates_equal_eager_updates(dqn):
     (stats_e, prio_e, state_e), (stats_g, prio_g, state_g) = results
     assert torch.allclose(stats_e, stats_g, rtol=1e-4, atol=1e-6)
     assert torch.allclose(prio_e, prio_g, rtol=1e-4, atol=1e-8)
-    assert all(torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-6) for a, b in zip(state_e, state_g, strict=True))
+    assert all(torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-6) for a, b in zip(state_e, state_g,
+                                                                                          strict=True))
 
 
 @needs_cuda

@@ -28,7 +28,7 @@ import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
-from typing import BinaryIO, Callable, NamedTuple, NoReturn, Optional
+from typing import BinaryIO, Callable, NamedTuple, NoReturn, Optional, Union
 
 import ale_py
 import cv2
@@ -335,39 +335,45 @@ def train_step(q_network: nn.Module, target_network: nn.Module, optimizer: torch
     return torch.stack((loss.detach(), q_taken.detach().mean()))
 
 
-def make_learner(run: "RunState", rb: "ReplayBuffer", max_grad_norm: float,
-                 graphs: bool) -> Callable[["Batch"], torch.Tensor]:
-    """The update the loop runs on each sampled batch: train_step, eagerly; with `graphs` (--cudagraphs on a GPU that
-    holds the replay) captured in a CUDA graph at the first update and replayed after each new batch is copied into the
-    graph's input tensors: one launch for the forward, backward and Adam instead of about a hundred kernels. Each replay
-    hands its batch's new priorities to the replay buffer, as train_step does."""
-    def update(data: Batch) -> torch.Tensor:
-        return train_step(run.q_network, run.target_network, run.optimizer, rb, data, max_grad_norm)
+def make_learner(run: "RunState", rb: "ReplayBuffer", args: Args,
+                 graphs: bool) -> Callable[[float], torch.Tensor]:
+    """One update at importance exponent beta: sample a batch, train_step on it; returns its (td_loss, mean Q). With
+    `graphs` (--cudagraphs on a GPU that holds the replay) the whole update, the sum tree's sampling and its priority
+    write-back included, is captured in a CUDA graph at the first update and replayed with beta in a device tensor:
+    one launch instead of a few hundred kernels (the tree alone costs a few per level)."""
+    def update(beta: Union[float, torch.Tensor]) -> torch.Tensor:
+        return train_step(run.q_network, run.target_network, run.optimizer, rb, rb.sample(args.batch_size, beta),
+                          args.max_grad_norm)
 
     if not graphs:
         return update
     graph, static = torch.cuda.CUDAGraph(), {}
 
-    def replay(data: Batch) -> torch.Tensor:
-        if not static:  # captured at the first update, whose batch gives the shapes
-            static["batch"] = Batch(*(t.clone() for t in data))
-            pending = rb.pending
-            static["stats"] = capture(graph, update, static["batch"], run)
-            static["pending"], rb.pending = rb.pending, pending  # the warm-up's priorities are dropped
-        for graph_input, value in zip(static["batch"], data):
-            graph_input.copy_(value, non_blocking=True)
+    def updated_tree(beta: torch.Tensor) -> torch.Tensor:
+        stats = update(beta)
+        rb.apply_pending_priorities()  # in the graph: the tree is current before the next add, as eagerly
+        return stats
+
+    def replay(beta: float) -> torch.Tensor:
+        if not static:  # captured at the first update
+            rb.apply_pending_priorities()
+            static["beta"] = torch.tensor(beta, dtype=torch.float64, device=run.device)
+            static["stats"] = capture(graph, lambda: updated_tree(static["beta"]), run,
+                                      keep=[rb.tree.sums, rb.tree.mins, rb.max_priority])
+        static["beta"].fill_(beta)
         graph.replay()
-        rb.pending = static["pending"]  # this batch's priorities from the graph, applied at the next add or sample
         return static["stats"]  # overwritten by the next replay: Log.update copies it
     return replay
 
 
-def capture(graph: "torch.cuda.CUDAGraph", update: Callable[["Batch"], torch.Tensor], batch: "Batch",
-            run: "RunState") -> torch.Tensor:
-    """Records update(batch) into `graph`. Capture needs a few eager updates first (Adam's state, library workspaces);
-    their changes to the weights and Adam's state are undone in place, at the addresses the graph reads."""
+def capture(graph: "torch.cuda.CUDAGraph", update: Callable[[], torch.Tensor], run: "RunState",
+            keep: list[torch.Tensor]) -> torch.Tensor:
+    """Records update() into `graph`. Capture needs a few eager updates first (Adam's state, library workspaces);
+    they leave no trace: the weights, Adam's state, the tensors in `keep` and the CUDA RNG are restored in place, where
+    the graph reads them."""
     state = [v for s in run.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
-    before = {id(t): (t, t.clone()) for t in [*run.q_network.parameters(), *state]}
+    before = {id(t): (t, t.clone()) for t in [*run.q_network.parameters(), *state, *keep]}
+    rng = torch.cuda.get_rng_state()
     for group in run.optimizer.param_groups:
         group["capturable"] = True  # read when step() is captured, not when it replays: checkpoints keep False
     side = torch.cuda.Stream()
@@ -375,17 +381,18 @@ def capture(graph: "torch.cuda.CUDAGraph", update: Callable[["Batch"], torch.Ten
     with torch.cuda.stream(side), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Adam: "capturable=True but step() is running without graph capture"
         for _ in range(3):
-            update(batch)
+            update()
     torch.cuda.current_stream().wait_stream(side)
     with torch.no_grad():
-        for s in run.optimizer.state.values():  # moments and step the warm-up created start at Adam's zeros
-            for v in s.values():
-                v.copy_(before[id(v)][1]) if id(v) in before else v.zero_()
-        for p in run.q_network.parameters():
-            p.copy_(before[id(p)][1])
+        for v in (v for s in run.optimizer.state.values() for v in s.values() if id(v) not in before):
+            v.zero_()  # Adam's moments and step created by the warm-up: as a fresh Adam has them
+        for t, saved in before.values():
+            t.copy_(saved)
     run.optimizer.zero_grad(set_to_none=True)  # backward allocates the gradients in the graph's memory pool
+    torch.cuda.set_rng_state(rng)
     with torch.cuda.graph(graph):
-        stats = update(batch)
+        stats = update()
+    torch.cuda.set_rng_state(rng)  # the first replay draws what an eager first update would
     for group in run.optimizer.param_groups:
         group["capturable"] = False
     return stats
@@ -513,7 +520,7 @@ class ReplayBuffer:
     def __len__(self) -> int:
         return self.count * self.num_envs
 
-    def sample(self, batch_size: int, beta: float) -> Batch:
+    def sample(self, batch_size: int, beta: Union[float, torch.Tensor]) -> Batch:
         """Proportional to priority, stratified; with importance weights that undo the bias as beta -> 1."""
         self.apply_pending_priorities()
         indices = self.tree.sample(batch_size)
@@ -543,7 +550,7 @@ class ReplayBuffer:
         # the checkpoint of the last good state stay finite
         priorities = torch.where(torch.isfinite(priorities), priorities, self.tree.leaves(indices))
         self.tree.set(indices, priorities)
-        self.max_priority = torch.maximum(self.max_priority, priorities.max())
+        torch.maximum(self.max_priority, priorities.max(), out=self.max_priority)  # in place: a graph reads it
         self.pending = None
 
     def gather(self, indices: torch.Tensor) -> Batch:
@@ -724,7 +731,7 @@ def main(args: Args) -> None:
               f"learner on {device}", flush=True)
         if checkpoint and checkpoint["replay_buffer"] is not None:
             rb.load_state_dict(checkpoint["replay_buffer"])
-        learn = make_learner(run, rb, args.max_grad_norm, gpu_speedups(args, run, storage))
+        learn = make_learner(run, rb, args, gpu_speedups(args, run, storage))
         envs = make_env(game, args.num_envs, sticky, args.max_episode_frames, train=True)
         files.create()  # the run folder, locked by this process until it ends
         log = Log(args, files, run, resumed=checkpoint is not None)
@@ -774,8 +781,7 @@ def main(args: Args) -> None:
                 if run.held_out is None:  # DeepMind's held-out states, drawn once from the (random-policy) warm-up
                     run.held_out = rb.sample(HELD_OUT, beta)
                 if step % args.train_frequency == 0:
-                    data = rb.sample(args.batch_size, beta)
-                    log.update(learn(data), step)
+                    log.update(learn(beta), step)  # sample a batch, one gradient step on it
                     run.n_updates += 1
                     if run.n_updates % LOG_EVERY == 0:
                         bad_step = log.read_updates(step, epsilon, beta)  # sync point: once per LOG_EVERY updates

@@ -100,7 +100,7 @@ class UpdateCost:
         """One update of the script (sample a batch, its own train_step) on the networks and optimizer of its own
         RunState (channels-last conv weights, fused Adam), or with --plain built as CleanRL and SB3 build them (NCHW
         weights, for-loop Adam): the same math, for a same-machine comparison of the update alone."""
-        args = mod.Args()
+        args = mod.Args(batch_size=self.batch_size)
         run = mod.RunState(args, n_actions, device)
         if self.plain:
             run.q_network, run.target_network = mod.QNetwork(n_actions).to(device), mod.QNetwork(n_actions).to(device)
@@ -108,11 +108,10 @@ class UpdateCost:
             adam_kwargs = {"eps": args.adam_eps} if hasattr(args, "adam_eps") else {}
             run.optimizer = torch.optim.Adam(run.q_network.parameters(), lr=args.learning_rate, fused=False,
                                              **adam_kwargs)
-        if hasattr(rb, "update_priorities"):  # dqn_atari_dueling_per.py: PER sampling and priority updates
-            learn = mod.make_learner(run, rb, args.max_grad_norm, self.cudagraphs)
-            return lambda: learn(rb.sample(self.batch_size, args.prioritized_replay_beta0))
-        learn = mod.make_learner(run, self.cudagraphs)
-        return lambda: learn(rb.sample(self.batch_size))
+        learn = mod.make_learner(run, rb, args, self.cudagraphs)  # sample a batch, one gradient step on it
+        if hasattr(rb, "update_priorities"):  # dqn_atari_dueling_per.py: at the initial importance exponent
+            return lambda: learn(args.prioritized_replay_beta0)
+        return learn
 
     def measure(self, warmup: int = 20, blocks: int = 5) -> dict[str, Any]:
         """Seconds per update, from `iters` updates timed in `blocks` equal blocks after `warmup` untimed ones (sps

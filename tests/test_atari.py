@@ -519,53 +519,62 @@ def random_replay(dqn, device: torch.device, capacity: int = 400, num_envs: int 
 
 
 def learner(dqn, run, rb, graphs: bool):
-    """The script's make_learner: PER's also takes the buffer (its priority write-back) and the gradient clip."""
-    if hasattr(dqn, "SumTree"):
-        return dqn.make_learner(run, rb, run_args(dqn).max_grad_norm, graphs)
-    return dqn.make_learner(run, graphs)
+    """The script's make_learner as a no-argument update (PER's takes beta)."""
+    learn = dqn.make_learner(run, rb, run_args(dqn, batch_size=32), graphs)
+    return (lambda: learn(0.4)) if hasattr(dqn, "SumTree") else learn
 
 
-def run_args(dqn):
-    return dqn.Args(learning_rate=1e-3)  # a large step, so that an update left undone would show
+def run_args(dqn, **overrides):
+    return dqn.Args(learning_rate=1e-3, **overrides)  # a large step, so that an update left undone would show
 
 
-def sample(dqn, rb, batch_size: int = 32):
-    return rb.sample(batch_size, 0.4) if hasattr(dqn, "SumTree") else rb.sample(batch_size)
-
-
-def learner_state(run) -> list[torch.Tensor]:
+def learner_state(run, rb) -> list[torch.Tensor]:
+    tree = [rb.tree.sums, rb.tree.mins, rb.max_priority] if hasattr(rb, "tree") else []
     return [*run.q_network.parameters(), *run.target_network.parameters(),
-            *(v for s in run.optimizer.state.values() for v in s.values())]
+            *(v for s in run.optimizer.state.values() for v in s.values()), *tree]
+
+
+class StandInGraph:
+    """torch.cuda's graph calls on the CPU: recording runs the update once, eagerly; a replay does nothing."""
+
+    def replay(self):
+        pass
+
+
+class StandInStream:
+    def wait_stream(self, other):
+        pass
 
 
 @pytest.mark.parametrize("earlier_updates", [0, 2])  # a fresh Adam (no state yet), or a resumed one
 def test_capture_undoes_its_warm_up_updates_in_place(dqn, monkeypatch, earlier_updates):
-    """capture() runs eager warm-up updates before recording. With the CUDA calls stood in for on the CPU, recording
-    runs the update once, eagerly: the state after capture() must then equal exactly one eager update from the state
-    before it (weights, Adam's moments and step restored where the graph reads them), and the run keeps no trace of
-    the capture (capturable back to False, so that checkpoints load on a CPU)."""
-    class Stream:
-        def wait_stream(self, other):
-            pass
-    monkeypatch.setattr(torch.cuda, "Stream", Stream)
-    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
-    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "graph", lambda graph: contextlib.nullcontext())
-    cpu = torch.device("cpu")
-    rb = random_replay(dqn, cpu)
-    batches = [sample(dqn, rb) for _ in range(earlier_updates + 1)]
-    runs = []
-    for _ in range(2):
+    """make_learner's graph path captures at the first update, after eager warm-up updates. With torch.cuda's graph
+    calls stood in for on the CPU (recording runs the update once, eagerly), the first graphed update must leave
+    exactly the state of one eager update from the same state and RNG: the warm-up is undone in place (weights, Adam's
+    moments and step, PER's sum tree and largest priority, the RNG), and the run keeps no trace of the capture
+    (capturable back to False, so that checkpoints load on a CPU)."""
+    for name, stand_in in [("CUDAGraph", StandInGraph), ("Stream", StandInStream), ("current_stream", StandInStream),
+                           ("stream", lambda stream: contextlib.nullcontext()),
+                           ("graph", lambda graph: contextlib.nullcontext()),
+                           ("get_rng_state", torch.get_rng_state), ("set_rng_state", torch.set_rng_state)]:
+        monkeypatch.setattr(torch.cuda, name, stand_in)
+    cpu, results = torch.device("cpu"), []
+    for graphs in (False, True):
+        rb = random_replay(dqn, cpu)
         torch.manual_seed(0)
-        runs.append(dqn.RunState(run_args(dqn), 4, cpu))
-        for batch in batches[:-1]:
-            learner(dqn, runs[-1], rb, graphs=False)(batch)
-    captured, eager = runs
-    stats = dqn.capture(None, learner(dqn, captured, rb, graphs=False), batches[-1], captured)
-    expected = learner(dqn, eager, rb, graphs=False)(batches[-1])
-    assert torch.equal(stats, expected)
-    assert all(torch.equal(a, b) for a, b in zip(learner_state(captured), learner_state(eager), strict=True))
-    assert [g["capturable"] for g in captured.optimizer.param_groups] == [False]
+        run = dqn.RunState(run_args(dqn), 4, cpu)
+        eager = learner(dqn, run, rb, graphs=False)
+        for _ in range(earlier_updates):
+            eager()
+        torch.manual_seed(1)
+        stats = learner(dqn, run, rb, graphs)().clone()
+        if hasattr(rb, "apply_pending_priorities"):  # eagerly the new priorities reach the tree at the next add
+            rb.apply_pending_priorities()
+        results.append((stats, learner_state(run, rb)))
+        assert [g["capturable"] for g in run.optimizer.param_groups] == [False]
+    (stats_e, state_e), (stats_g, state_g) = results
+    assert torch.equal(stats_e, stats_g)
+    assert all(torch.equal(a, b) for a, b in zip(state_e, state_g, strict=True))
 
 
 def test_gpu_flags_on_the_cpu_warn_once_and_change_nothing(dqn, capsys):
@@ -583,40 +592,38 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @needs_cuda
 def test_cuda_graphed_updates_equal_eager_updates(dqn):
-    """50 updates from the same state on the same batches: the graph replays the eager update's kernels, so losses,
-    weights, Adam's state and (PER) the new priorities agree to float tolerance."""
-    cuda = torch.device("cuda")
-    rb = random_replay(dqn, cuda)
-    batches = [sample(dqn, rb) for _ in range(50)]
-    results = []
+    """50 updates from the same state, each from the same RNG seed: the graph replays the eager update's kernels (PER:
+    its sampling and priority write-back too), so losses, weights, Adam's state and PER's sum tree agree to float
+    tolerance."""
+    cuda, results = torch.device("cuda"), []
     for graphs in (False, True):
+        rb = random_replay(dqn, cuda)
         torch.manual_seed(0)
         run = dqn.RunState(run_args(dqn), 4, cuda)
-        learn, stats, priorities = learner(dqn, run, rb, graphs), [], []
-        for batch in batches:
-            stats.append(learn(batch).clone())
-            priorities.append(rb.pending[1].clone() if hasattr(dqn, "SumTree") else torch.zeros(1, device=cuda))
-        results.append((torch.stack(stats), torch.stack(priorities), learner_state(run)))
-    (stats_e, prio_e, state_e), (stats_g, prio_g, state_g) = results
+        learn, stats = learner(dqn, run, rb, graphs), []
+        for i in range(50):
+            torch.cuda.manual_seed(i)
+            stats.append(learn().clone())
+        if hasattr(rb, "apply_pending_priorities"):
+            rb.apply_pending_priorities()
+        results.append((torch.stack(stats), learner_state(run, rb)))
+    (stats_e, state_e), (stats_g, state_g) = results
     assert torch.allclose(stats_e, stats_g, rtol=1e-4, atol=1e-6)
-    assert torch.allclose(prio_e, prio_g, rtol=1e-4, atol=1e-8)
-    assert all(torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-6) for a, b in zip(state_e, state_g,
-                                                                                          strict=True))
+    assert all(torch.allclose(a.double(), b.double(), rtol=1e-4, atol=1e-6)
+               for a, b in zip(state_e, state_g, strict=True))
 
 
 @needs_cuda
 def test_cuda_graphed_update_never_syncs_with_the_host(dqn):
     cuda = torch.device("cuda")
     rb = random_replay(dqn, cuda)
-    run = dqn.RunState(run_args(dqn), 4, cuda)
-    learn = learner(dqn, run, rb, graphs=True)
-    learn(sample(dqn, rb))  # the capture
-    batches = [sample(dqn, rb) for _ in range(10)]
+    learn = learner(dqn, dqn.RunState(run_args(dqn), 4, cuda), rb, graphs=True)
+    learn()  # the capture
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for batch in batches:
-            learn(batch)
+        for _ in range(10):
+            learn()
     finally:
         torch.cuda.set_sync_debug_mode("default")
 

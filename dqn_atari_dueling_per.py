@@ -724,14 +724,15 @@ def main(args: Args) -> None:
         run = RunState(args, n_actions, device)
         if checkpoint:
             restore(run, checkpoint, args)
+        graphs = gpu_speedups(args, run, storage)  # --compile applied; whether --cudagraphs applies
         # the replay buffer and the envs come last: they are the slow part of the start, after the checks above
         rb = ReplayBuffer(args.buffer_size, args.num_envs, storage, device, args.gamma, args.prioritized_replay_alpha,
                           args.prioritized_replay_eps)
         print(f"replay: {ReplayBuffer.bytes_needed(args.buffer_size, args.num_envs) / 1e9:.2f} GB on {storage}, "
-              f"learner on {device}", flush=True)
+              f"learner on {device}" + ", each update one CUDA graph" * graphs, flush=True)
         if checkpoint and checkpoint["replay_buffer"] is not None:
             rb.load_state_dict(checkpoint["replay_buffer"])
-        learn = make_learner(run, rb, args, gpu_speedups(args, run, storage))
+        learn = make_learner(run, rb, args, graphs)
         envs = make_env(game, args.num_envs, sticky, args.max_episode_frames, train=True)
         files.create()  # the run folder, locked by this process until it ends
         log = Log(args, files, run, resumed=checkpoint is not None)

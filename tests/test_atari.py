@@ -633,8 +633,7 @@ def test_cuda_graphed_update_never_syncs_with_the_host(dqn):
 def test_cuda_graphs_smoke_run(script, tmp_path, flags):
     result = run_script(script, *SMOKE, "--cuda", *flags, "--run-name", "smoke", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "learner on cuda" in result.stdout
-    assert "ignored on the CPU" not in result.stderr and "running eagerly" not in result.stderr  # the graph path ran
+    assert "learner on cuda, each update one CUDA graph" in result.stdout
     assert finished_counts(tmp_path / "runs/smoke") == {"steps": 1200, "updates": 200, "target_syncs": 4}
 
 

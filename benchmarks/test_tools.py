@@ -9,6 +9,7 @@ Cheap (seconds); nothing here measures anything.
 
 import json
 import signal
+import subprocess
 import sys
 import textwrap
 import threading
@@ -119,6 +120,18 @@ def test_atari_flags_evaluate_only_at_the_end_without_periodic_checkpoints():
     pairs = dict(zip(flags[::2], flags[1::2]))  # flag -> value, except the final --cuda
     assert pairs["--buffer-size"] == "12000" and pairs["--num-envs"] == "4" and pairs["--eval-frequency"] == "0"
     assert pairs["--checkpoint-frequency"] == "0" and pairs["--eval-episodes"] == "1" and flags[-1] == "--cuda"
+    graphed = measure.AtariBenchConfig(cuda=True, cudagraphs=True, compile=True).script_flags("r")
+    assert graphed[-3:] == ["--cuda", "--cudagraphs", "--compile"]
+    with pytest.raises(SystemExit, match="need --cuda"):  # the scripts would ignore them: no number for a CPU run
+        measure.AtariBenchConfig(cudagraphs=True)
+    with pytest.raises(SystemExit, match="needs --cuda"):
+        measure.UpdateCost(cudagraphs=True)
+
+
+def test_gpu_check_script_parses_and_finds_the_protocol():
+    """gpu_check.sh runs only on a lent GPU: here at least its syntax, and the protocol flags it reads."""
+    assert subprocess.run(["bash", "-n", "benchmarks/gpu_check.sh"], cwd=common.REPO_ROOT).returncode == 0
+    assert "--no-cuda" in atari_short.PROTOCOL and "--checkpoint-buffer" in atari_short.PROTOCOL  # it replaces both
 
 
 # ---------------------------------------------------------------------------------------------------------------------

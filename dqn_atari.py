@@ -356,28 +356,35 @@ def capture(graph: "torch.cuda.CUDAGraph", update: Callable[[], torch.Tensor], r
     the graph reads them."""
     state = [v for s in run.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
     before = {id(t): (t, t.clone()) for t in [*run.q_network.parameters(), *state, *keep]}
-    rng = torch.cuda.get_rng_state()
+    rng, side = torch.cuda.get_rng_state(), torch.cuda.Stream()
+
+    def undo_warm_up() -> None:
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.no_grad():
+            for v in (v for s in run.optimizer.state.values() for v in s.values() if id(v) not in before):
+                v.zero_()  # Adam's moments and step created by the warm-up: as a fresh Adam has them
+            for t, saved in before.values():
+                t.copy_(saved)
+        torch.cuda.set_rng_state(rng)  # the first replay draws what an eager first update would
+
     for group in run.optimizer.param_groups:
         group["capturable"] = True  # read when step() is captured, not when it replays: checkpoints keep False
-    side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Adam: "capturable=True but step() is running without graph capture"
-        for _ in range(3):
-            update()
-    torch.cuda.current_stream().wait_stream(side)
-    with torch.no_grad():
-        for v in (v for s in run.optimizer.state.values() for v in s.values() if id(v) not in before):
-            v.zero_()  # Adam's moments and step created by the warm-up: as a fresh Adam has them
-        for t, saved in before.values():
-            t.copy_(saved)
-    run.optimizer.zero_grad(set_to_none=True)  # backward allocates the gradients in the graph's memory pool
-    torch.cuda.set_rng_state(rng)
-    with torch.cuda.graph(graph):
-        stats = update()
-    torch.cuda.set_rng_state(rng)  # the first replay draws what an eager first update would
-    for group in run.optimizer.param_groups:
-        group["capturable"] = False
+    try:
+        with torch.cuda.stream(side), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Adam: "capturable=True but step() is running without graph capture"
+            for _ in range(3):
+                update()
+        undo_warm_up()
+        run.optimizer.zero_grad(set_to_none=True)  # backward allocates the gradients in the graph's memory pool
+        with torch.cuda.graph(graph):  # records, runs nothing: the first replay is the first update
+            stats = update()
+    except BaseException:
+        undo_warm_up()  # a crash checkpoint holds the state from before the warm-up
+        raise
+    finally:
+        for group in run.optimizer.param_groups:
+            group["capturable"] = False
     return stats
 
 

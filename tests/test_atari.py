@@ -546,6 +546,14 @@ class StandInStream:
         pass
 
 
+def stand_in_for_cuda_graphs(monkeypatch):
+    for name, stand_in in [("CUDAGraph", StandInGraph), ("Stream", StandInStream), ("current_stream", StandInStream),
+                           ("stream", lambda stream: contextlib.nullcontext()),
+                           ("graph", lambda graph: contextlib.nullcontext()),
+                           ("get_rng_state", torch.get_rng_state), ("set_rng_state", torch.set_rng_state)]:
+        monkeypatch.setattr(torch.cuda, name, stand_in)
+
+
 @pytest.mark.parametrize("earlier_updates", [0, 2])  # a fresh Adam (no state yet), or a resumed one
 def test_capture_undoes_its_warm_up_updates_in_place(dqn, monkeypatch, earlier_updates):
     """make_learner's graph path captures at the first update, after eager warm-up updates. With torch.cuda's graph
@@ -553,11 +561,7 @@ def test_capture_undoes_its_warm_up_updates_in_place(dqn, monkeypatch, earlier_u
     exactly the state of one eager update from the same state and RNG: the warm-up is undone in place (weights, Adam's
     moments and step, PER's sum tree and largest priority, the RNG), and the run keeps no trace of the capture
     (capturable back to False, so that checkpoints load on a CPU)."""
-    for name, stand_in in [("CUDAGraph", StandInGraph), ("Stream", StandInStream), ("current_stream", StandInStream),
-                           ("stream", lambda stream: contextlib.nullcontext()),
-                           ("graph", lambda graph: contextlib.nullcontext()),
-                           ("get_rng_state", torch.get_rng_state), ("set_rng_state", torch.set_rng_state)]:
-        monkeypatch.setattr(torch.cuda, name, stand_in)
+    stand_in_for_cuda_graphs(monkeypatch)
     cpu, results = torch.device("cpu"), []
     for graphs in (False, True):
         rb = random_replay(dqn, cpu)
@@ -577,6 +581,32 @@ def test_capture_undoes_its_warm_up_updates_in_place(dqn, monkeypatch, earlier_u
     assert all(torch.equal(a, b) for a, b in zip(state_e, state_g, strict=True))
 
 
+def test_a_capture_that_fails_leaves_the_state_from_before_it(dqn, monkeypatch):
+    """A warm-up update that raises (out of memory, say) propagates, and the run's state is the one before the
+    capture, so that the crash checkpoint holds no uncounted update (and PER no priorities from graph memory)."""
+    stand_in_for_cuda_graphs(monkeypatch)
+    cpu, train_step, calls = torch.device("cpu"), dqn.train_step, []
+    rb = random_replay(dqn, cpu)
+    run = dqn.RunState(run_args(dqn), 4, cpu)
+    learner(dqn, run, rb, graphs=False)()  # an Adam state to restore
+    if hasattr(rb, "apply_pending_priorities"):
+        rb.apply_pending_priorities()
+    before = [t.clone() for t in learner_state(run, rb)]
+
+    def second_warm_up_fails(*args, **kwargs):
+        stats = train_step(*args, **kwargs)  # PER: its new priorities are pending
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA out of memory")
+        return stats
+    monkeypatch.setattr(dqn, "train_step", second_warm_up_fails)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        learner(dqn, run, rb, graphs=True)()
+    assert all(torch.equal(a, b) for a, b in zip(learner_state(run, rb), before, strict=True))
+    assert [g["capturable"] for g in run.optimizer.param_groups] == [False]
+    assert getattr(rb, "pending", None) is None
+
+
 def test_gpu_flags_on_the_cpu_warn_once_and_change_nothing(dqn, capsys):
     cpu = torch.device("cpu")
     run = dqn.RunState(dqn.Args(), 4, cpu)
@@ -591,11 +621,13 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 @needs_cuda
-def test_cuda_graphed_updates_equal_eager_updates(dqn):
+def test_cuda_graphed_updates_equal_eager_updates(dqn, monkeypatch):
     """50 updates from the same state, each from the same RNG seed: the graph replays the eager update's kernels (PER:
     its sampling and priority write-back too), so losses, weights, Adam's state and PER's sum tree agree to float
     tolerance."""
     cuda, results = torch.device("cuda"), []
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)  # as the scripts run; else the runs may part
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     for graphs in (False, True):
         rb = random_replay(dqn, cuda)
         torch.manual_seed(0)

@@ -24,7 +24,7 @@ for seed in 1 2; do
     > "$OUT/logs/short_seed$seed.log" 2>&1; echo "exit $?" >> "$OUT/logs/short_seed$seed.log") &
   short+=($!)
 done
-timeout 200 $PY -m pytest -q -rs tests/test_atari.py tests/test_per.py -k cuda -p no:cacheprovider \
+timeout 240 $PY -m pytest -q -rs tests/test_atari.py tests/test_per.py -k cuda -p no:cacheprovider \
   > "$OUT/logs/pytest_cuda.txt" 2>&1
 echo "pytest exit $?" >> "$OUT/logs/pytest_cuda.txt"
 wait "${short[@]}"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue #20's device check: one command for one lent-GPU call, sized for about 6 minutes on an H200 (at most 9
+# Issue #20's device check: one command for one lent-GPU call, sized for about 6 minutes on an H200 (at most 9.5
 # minutes: every part has a time limit).
 #   1. Breakout, the short protocol of RESULTS.md section 10 on the GPU with --cudagraphs, seeds 1 and 2 (at most 4
 #      minutes each), in the background (learning runs, not timings); meanwhile the CUDA tests.

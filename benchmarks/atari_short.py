@@ -11,16 +11,12 @@ import numpy as np
 import tyro
 from matplotlib.figure import Figure
 
-from benchmarks.common import (RESULTS_DIR, describe_machine, format_table, in_fresh_process, iqm_ci, load_script,
-                               read_json, read_scalars, sps_from_points, write_json)
+from benchmarks.common import (PROTOCOL, RESULTS_DIR, describe_machine, format_table, in_fresh_process, iqm_ci,
+                               load_script, read_json, read_scalars, sps_from_points, write_json)
 from benchmarks.grid import GRID_ROOT, Cell, GridPaths, GridSpec, Runner, expand_grid, load_or_create_spec, run_cells
 from benchmarks.measure import SB3_AS_DQN_ATARI, sb3_run
 from benchmarks.plot import EVAL_TAG, TRAIN_TAG, game_of, save_figure, style_axes
 
-PROTOCOL = ("--total-timesteps", "200000", "--learning-starts", "20000", "--buffer-size", "100000",
-            "--exploration-fraction", "0.5", "--target-network-frequency", "1000", "--train-frequency", "4",
-            "--batch-size", "32", "--learning-rate", "1e-4", "--eval-frequency", "50000", "--eval-episodes", "10",
-            "--eval-epsilon", "0.05", "--no-cuda", "--checkpoint-frequency", "50000", "--checkpoint-buffer")
 PLAN: dict[str, dict[str, tuple[int, ...]]] = {  # env id -> script -> seeds
     "BreakoutNoFrameskip-v4": {"dqn_atari.py": (1, 2, 3), "dqn_atari_dueling_per.py": (1, 2, 3)},  # 3 a side: #22
     # the second game, chosen by a pilot (benchmarks/RESULTS.md section 10): dqn_atari.py seed 1 at 50k steps

@@ -29,6 +29,11 @@ RUN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=+-]*")  # what the scripts ac
 KB = 1000  # the notes quote decimal kilobytes (CleanRL 4 * 84 * 84 bytes = 28.2 KB)
 NOTES = "shared/NOTES.md"
 ScalarPoint = NamedTuple("ScalarPoint", [("step", int), ("wall_time", float), ("value", float)])  # a TensorBoard event
+# the short Atari protocol's flags (atari_short.py; gpu_check.sh reads them here, where no matplotlib is imported)
+PROTOCOL = ("--total-timesteps", "200000", "--learning-starts", "20000", "--buffer-size", "100000",
+            "--exploration-fraction", "0.5", "--target-network-frequency", "1000", "--train-frequency", "4",
+            "--batch-size", "32", "--learning-rate", "1e-4", "--eval-frequency", "50000", "--eval-episodes", "10",
+            "--eval-epsilon", "0.05", "--no-cuda", "--checkpoint-frequency", "50000", "--checkpoint-buffer")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/log
 git rev-parse HEAD > "$OUT/logs/commit.txt" 2>&1
 
 # 1. the short protocol (its flags, but on the GPU, graphed, and no 0.7 GB replay checkpoints)
-PROTOCOL=$($PY -c "from benchmarks.atari_short import PROTOCOL; print(' '.join(f for f in PROTOCOL if f != '--no-cuda'))")
+PROTOCOL=$($PY -c "from benchmarks.common import PROTOCOL; print(' '.join(f for f in PROTOCOL if f != '--no-cuda'))")
 short=()
 for seed in 1 2; do
   (cd "$OUT/short" && timeout 240 $PY "$OLDPWD/dqn_atari.py" --env-id BreakoutNoFrameskip-v4 --seed $seed $PROTOCOL \

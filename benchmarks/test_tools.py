@@ -131,7 +131,11 @@ def test_atari_flags_evaluate_only_at_the_end_without_periodic_checkpoints():
 def test_gpu_check_script_parses_and_finds_the_protocol():
     """gpu_check.sh runs only on a lent GPU: here at least its syntax, and the protocol flags it reads."""
     assert subprocess.run(["bash", "-n", "benchmarks/gpu_check.sh"], cwd=common.REPO_ROOT).returncode == 0
-    assert "--no-cuda" in atari_short.PROTOCOL and "--checkpoint-buffer" in atari_short.PROTOCOL  # it replaces both
+    assert "--no-cuda" in common.PROTOCOL and "--checkpoint-buffer" in common.PROTOCOL  # it replaces both
+    # the device has no matplotlib: the protocol must come from a module that does not import it
+    blocked = "import sys; sys.modules['matplotlib'] = None; from benchmarks.common import PROTOCOL; print(*PROTOCOL)"
+    printed = subprocess.run([sys.executable, "-c", blocked], cwd=common.REPO_ROOT, capture_output=True, text=True)
+    assert printed.stdout.split() == list(common.PROTOCOL), printed.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -152,11 +152,10 @@ def plot(data: dict[str, Any], env_id: str, out: Optional[Path] = None) -> Path:
 
 
 def takeoff(data: dict[str, Any], env_id: str = "BreakoutNoFrameskip-v4") -> str:
-    """Issue #22's comparison on one figure and one table: dqn_atari.py before and after the serve change, the runs
-    of ablation A (the change as a patch, the same behaviour), SB3, and dqn_atari_dueling_per.py before and after."""
+    """Issue #22's comparison on one figure and one table: dqn_atari.py and dqn_atari_dueling_per.py before and after
+    the serve change, and SB3. (Ablation A's runs, results/takeoff/life_loss_reset_seed*.json, equal the fixed
+    dqn_atari.py's fresh runs evaluation for evaluation: benchmarks/RESULTS.md section 12.)"""
     runs = [{**r, "script": f"{r['script']} before 8c08bb3"} for r in read_json(BEFORE).get("runs", [])]
-    runs += [{**read_json(path), "script": "dqn_atari.py, ablation A (patch of a195c73)",
-              "steps": SB3_RUN["total_timesteps"]} for path in sorted(TAKEOFF.glob("life_loss_reset_seed*.json"))]
     runs += [{**r, "script": r["script"] + ("" if r["script"].startswith("stable") else " after 8c08bb3")}
              for r in data["runs"]]
     by_arm = arms([r for r in runs if r["env_id"] == env_id])

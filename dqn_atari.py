@@ -645,6 +645,9 @@ def main(args: Args) -> None:
             rb.load_state_dict(checkpoint["replay_buffer"])
         learn = make_learner(run, rb, args, graphs)
         envs = make_env(game, args.num_envs, sticky, args.max_episode_frames, train=True)
+        # the envs step in ale-py's threads beside the learner when a core is free for them; beside a CPU learner that
+        # uses every core they only contend with its threads (5-7% fewer SPS on 2 cores: benchmarks/RESULTS.md s. 13)
+        overlap = device.type == "cuda" or (os.cpu_count() or 1) > torch.get_num_threads()
         files.create()  # the run folder, locked by this process until it ends
         log = Log(args, files, run, resumed=checkpoint is not None)
         # from here on a signal stops the loop cleanly, and a crash still leaves a checkpoint and summary.json
@@ -680,8 +683,9 @@ def main(args: Args) -> None:
             # the serve after a life loss (FIRE or NOOP) replaces the agent's action: a new life's first step
             actions = games.act(epsilon_greedy(run.q_network, obs, epsilon, n_actions, run.rng, device))
 
-            # TRY NOT TO MODIFY: the envs step in ale-py's threads while the learner trains below; recv() waits
+            # TRY NOT TO MODIFY: the envs step in ale-py's threads, while the learner trains below if `overlap`
             envs.send(actions)
+            stepped = None if overlap else envs.recv()  # no core to spare: they step first, alone
             run.global_step += args.num_envs
 
             # ALGO LOGIC: training. Visit every env step this vector step covered, so that updates per env step stay
@@ -703,7 +707,7 @@ def main(args: Args) -> None:
                     update_target(run.target_network, run.q_network, args.tau)
                     run.n_target_syncs += 1
 
-            next_obs, rewards, terminations, truncations, infos = envs.recv()
+            next_obs, rewards, terminations, truncations, infos = stepped or envs.recv()
             games.step(terminations, truncations, infos)  # terminated alone may be a life loss
             # a game's score counts every step but its reset step (action ignored, reward 0, obs = the new game's
             # first); a missed game over ends its game at its reset step

@@ -13,14 +13,14 @@ run. As in CleanRL, a lost life is followed by a serve that the learner never se
 action 2 inside a reset (its FireResetEnv sits outside its EpisodicLifeEnv; ale-py alone serves only at reset); here
 the step after a lost life plays FIRE (NOOP in games without it), is not stored as a transition, and starts the new
 life's frame stack, as a reset starts a game's. The logged return is the full-game, unclipped score (CleanRL's
-RecordEpisodeStatistics wraps the raw env). Departures from CleanRL: 8 envs step in parallel (CleanRL: 1; updates
-stay one per 4 env steps, target syncs every 1000 env steps) and they step in ale-py's threads while the learner
-trains, so an update sees the buffer up to the previous vector step; replay stores every frame once and rebuilds the
-stacks when sampling (7.07 KB per transition instead of 28.2 KB); the serve is one counted env step, and a restarted
-stack is zero-padded, [0, 0, 0, f], as ale-py and SB3 pad at reset (CleanRL repeats f four times); evaluation is
-separate: full games, epsilon 0.05, as in the paper. Until this serve was hidden and the stack restarted, this script
-took off 25-50k env steps later than its peers on Breakout (benchmarks/RESULTS.md section 12). On a GPU, --cudagraphs
-replays each update as one CUDA graph (opt-in, not yet measured: README, GPU notes).
+RecordEpisodeStatistics wraps the raw env). Departures from CleanRL: 8 envs step in parallel (CleanRL: 1; updates stay
+one per 4 env steps, target syncs every 1000 env steps) and they step in ale-py's threads while the learner trains
+(when a core is free for them), so an update sees the buffer up to the previous vector step; replay stores every frame
+once and rebuilds the stacks when sampling (7.07 KB per transition instead of 28.2 KB); the serve is one counted env
+step, and a restarted stack is zero-padded, [0, 0, 0, f], as ale-py and SB3 pad at reset (CleanRL repeats f four
+times); evaluation is separate: full games, epsilon 0.05, as in the paper. Until this serve was hidden and the stack
+restarted, this script took off 25-50k env steps later than its peers on Breakout (benchmarks/RESULTS.md section 12).
+On a GPU, --cudagraphs replays each update as one CUDA graph (opt-in, not yet measured: README, GPU notes).
 """
 
 import copy

@@ -646,7 +646,7 @@ def main(args: Args) -> None:
         learn = make_learner(run, rb, args, graphs)
         envs = make_env(game, args.num_envs, sticky, args.max_episode_frames, train=True)
         # the envs step in ale-py's threads beside the learner when a core is free for them; beside a CPU learner that
-        # uses every core they only contend with its threads (5-7% fewer SPS on 2 cores: benchmarks/RESULTS.md s. 13)
+        # uses every core they only contend with its threads (up to 7% fewer SPS on 2 cores: RESULTS.md s. 13)
         overlap = device.type == "cuda" or (os.cpu_count() or 1) > torch.get_num_threads()
         files.create()  # the run folder, locked by this process until it ends
         log = Log(args, files, run, resumed=checkpoint is not None)

@@ -354,14 +354,13 @@ def capture(graph: "torch.cuda.CUDAGraph", update: Callable[[], torch.Tensor], r
     """Records update() into `graph`. Capture needs a few eager updates first (Adam's state, library workspaces);
     they leave no trace: the weights, Adam's state, the tensors in `keep` and the CUDA RNG are restored in place, where
     the graph reads them."""
-    state = [v for s in run.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
-    before = {id(t): (t, t.clone()) for t in [*run.q_network.parameters(), *state, *keep]}
+    before = {id(t): (t, t.clone()) for t in [*run.q_network.parameters(), *run.optimizer_tensors(), *keep]}
     rng, side = torch.cuda.get_rng_state(), torch.cuda.Stream()
 
     def undo_warm_up() -> None:
         torch.cuda.current_stream().wait_stream(side)
         with torch.no_grad():
-            for v in (v for s in run.optimizer.state.values() for v in s.values() if id(v) not in before):
+            for v in (v for v in run.optimizer_tensors() if id(v) not in before):
                 v.zero_()  # Adam's moments and step created by the warm-up: as a fresh Adam has them
             for t, saved in before.values():
                 t.copy_(saved)
@@ -582,10 +581,13 @@ class RunState:
         self.learning_from = 0  # no update before this step (a resumed run with an empty buffer refills it first)
         self.last_finite: Optional[dict] = None  # a copy of the last learner state whose losses were all finite
 
+    def optimizer_tensors(self) -> list[torch.Tensor]:
+        """The optimizer's state tensors: Adam's moments and step (none before its first step)."""
+        return [v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+
     def finite(self) -> bool:
         """Whether both networks and the optimizer's moments hold only finite numbers (one sync point)."""
-        tensors = [*self.q_network.parameters(), *self.target_network.parameters(),
-                   *(v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v))]
+        tensors = [*self.q_network.parameters(), *self.target_network.parameters(), *self.optimizer_tensors()]
         return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
     def learner_state(self) -> dict:

@@ -330,10 +330,13 @@ class RunState:
         self.eval_due = False  # an evaluation is owed at global_step (set after the step; a signal may cut it short)
         self.last_finite: Optional[dict] = None  # a copy of the last learner state whose losses were all finite
 
+    def optimizer_tensors(self) -> list[torch.Tensor]:
+        """The optimizer's state tensors: Adam's moments and step (none before its first step)."""
+        return [v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+
     def finite(self) -> bool:
         """Whether both networks and the optimizer's moments hold only finite numbers (one sync point)."""
-        tensors = [*self.q_network.parameters(), *self.target_network.parameters(),
-                   *(v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v))]
+        tensors = [*self.q_network.parameters(), *self.target_network.parameters(), *self.optimizer_tensors()]
         return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
     def learner_state(self) -> dict:

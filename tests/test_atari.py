@@ -530,8 +530,7 @@ def run_args(dqn, **overrides):
 
 def learner_state(run, rb) -> list[torch.Tensor]:
     tree = [rb.tree.sums, rb.tree.mins, rb.max_priority] if hasattr(rb, "tree") else []
-    return [*run.q_network.parameters(), *run.target_network.parameters(),
-            *(v for s in run.optimizer.state.values() for v in s.values()), *tree]
+    return [*run.q_network.parameters(), *run.target_network.parameters(), *run.optimizer_tensors(), *tree]
 
 
 class StandInGraph:

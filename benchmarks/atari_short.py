@@ -3,19 +3,19 @@ a random policy and SB3's DQN; results/atari_short.json is the record (protocol 
 
 import json
 import sys
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import tyro
-from matplotlib.figure import Figure
 
-from benchmarks.common import (PROTOCOL, RESULTS_DIR, describe_machine, format_table, in_fresh_process, iqm_ci,
-                               load_script, read_json, read_scalars, sps_from_points, write_json)
+from benchmarks.common import (PROTOCOL, RESULTS_DIR, ScalarPoint, describe_machine, format_table, in_fresh_process,
+                               iqm_ci, load_script, read_json, read_scalars, sps_from_points, write_json)
 from benchmarks.grid import GRID_ROOT, Cell, GridPaths, GridSpec, Runner, expand_grid, load_or_create_spec, run_cells
 from benchmarks.measure import SB3_AS_DQN_ATARI, sb3_run
-from benchmarks.plot import EVAL_TAG, TRAIN_TAG, game_of, save_figure, style_axes
+from benchmarks.plot import EVAL_TAG, TRAIN_TAG, RunData, game_of, plot_env
 
 PLAN: dict[str, dict[str, tuple[int, ...]]] = {  # env id -> script -> seeds
     "BreakoutNoFrameskip-v4": {"dqn_atari.py": (1, 2, 3), "dqn_atari_dueling_per.py": (1, 2, 3)},  # 3 a side: #22
@@ -31,7 +31,7 @@ SB3_CELLS = (("BreakoutNoFrameskip-v4", 1), ("SeaquestNoFrameskip-v4", 1), ("Sea
 # restarts the frame stack). Their cells recorded before it are in results/atari_short_before_issue22.json; the grids
 # of the new behaviour carry this suffix, so that no cell run before the change counts as done.
 GRID_SUFFIX = "_after_issue22"
-BIN = 25_000  # env steps per bin of the training-games curves
+SMOOTH = 20  # training games per point of the training-games curves (a moving mean)
 BARS = {"BreakoutNoFrameskip-v4": 5.0}  # every seed must end at least this many times the random policy's return
 RANDOM = {"epsilon": 1.0, "episodes": 30, "seed": 12345}
 # the protocol in SB3's terms: an update every 4 env steps = 1 vector step of 8 envs x 2 gradient steps
@@ -41,8 +41,6 @@ SB3_RUN = dict(n_envs=8, total_timesteps=200_000, eval_every=50_000, eval_games=
 # a pause longer than this between two logged updates is an interruption, not training time (periodic evaluations
 # stay in, as in measure sps)
 GAP_S = 300.0
-BEFORE = RESULTS_DIR / "atari_short_before_issue22.json"
-TAKEOFF = RESULTS_DIR / "takeoff"  # issue #22: the ablation records and the comparison figure and table
 
 
 def grid_spec(env_id: str) -> GridSpec:
@@ -90,10 +88,15 @@ def sb3_record(env_id: str, seed: int) -> dict[str, Any]:
             "sps": r["training"]["sps"], "wall_s": r["wall_s"], "games": r["games"]}
 
 
-def arms(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """Runs by implementation (their "script"), in name order, each arm's runs in seed order."""
-    return {s: sorted((r for r in runs if r["script"] == s), key=lambda r: r["seed"])
-            for s in sorted({r["script"] for r in runs})}
+def by_implementation(data: dict[str, Any], env_id: str) -> dict[str, list[RunData]]:
+    """The recorded runs of one game as plot.py reads runs, by implementation, each in seed order: evaluations, and
+    training games (env step, score) as the training returns."""
+    groups: dict[str, list[RunData]] = defaultdict(list)
+    for r in sorted((r for r in data["runs"] if r["env_id"] == env_id), key=lambda r: r["seed"]):
+        groups[r["script"]].append(RunData(Path(r.get("run_name", r["script"])), env_id, r["script"], r["seed"],
+                                           [ScalarPoint(s, 0.0, v) for s, v in r["eval"]],
+                                           [ScalarPoint(s, 0.0, v) for s, v in r.get("games", [])], r.get("machine")))
+    return dict(sorted(groups.items()))
 
 
 def table(data: dict[str, Any]) -> str:
@@ -101,10 +104,10 @@ def table(data: dict[str, Any]) -> str:
     for env_id in sorted({r["env_id"] for r in data["runs"]}):
         random = data["random"].get(env_id, {}).get("mean")
         ratio = (lambda x: f"{x / random:.1f}x" if random else "-")  # noqa: E731
-        for script, runs in arms([r for r in data["runs"] if r["env_id"] == env_id]).items():
-            finals = np.array([r["final_eval_return"] for r in runs])
+        for script, runs in by_implementation(data, env_id).items():
+            finals = np.array([r.eval[-1].value for r in runs])
             ci = iqm_ci(finals)
-            rows.append([env_id, script, " ".join(str(r["seed"]) for r in runs),
+            rows.append([env_id, script, " ".join(str(r.seed) for r in runs),
                          f"{finals.mean():.1f} +- {finals.std():.1f}", f"{ci['iqm']:.1f}",
                          f"[{ci['ci_low']:.1f}, {ci['ci_high']:.1f}]", ", ".join(f"{f:.1f}" for f in finals),
                          "-" if random is None else f"{random:.2f}", ratio(finals.mean()), ratio(finals.min()),
@@ -113,60 +116,12 @@ def table(data: dict[str, Any]) -> str:
                          "95% CI of IQM", "per seed", "random", "mean / random", "worst seed / random", "bar"], rows)
 
 
-def binned_games(games: list[list[float]], total: int) -> np.ndarray:
-    """(bins,) mean score of the training games that ended in each BIN-step bin (NaN where none did)."""
-    games_ = np.array(games).reshape(-1, 2)
-    bins = np.minimum(games_[:, 0] // BIN, total // BIN - 1).astype(int)
-    return np.array([games_[bins == b, 1].mean() if (bins == b).any() else np.nan for b in range(total // BIN)])
-
-
-def plot(data: dict[str, Any], env_id: str, out: Optional[Path] = None) -> Path:
-    """Left: evaluation returns. Right: training games (full games under epsilon, mean per BIN steps) of the runs
-    that recorded them (runs recorded before games were kept have none). Each seed thin, the mean over seeds bold."""
-    fig = Figure(figsize=(11, 3.6), dpi=100)  # drawn for a file only: no pyplot, no display
-    ax, games_ax = fig.subplots(1, 2)
-    for i, (script, runs) in enumerate(arms([r for r in data["runs"] if r["env_id"] == env_id]).items()):
-        evals = [dict(map(tuple, r["eval"])) for r in runs]  # env step -> evaluation return, per seed
-        for e in evals:
-            ax.plot(list(e), list(e.values()), color=f"C{i}", linewidth=0.7, alpha=0.5)
-        steps = sorted(set.intersection(*map(set, evals)))  # the steps every seed evaluated at
-        ax.plot(steps, [np.mean([e[s] for e in evals]) for s in steps], color=f"C{i}", linewidth=2.2, marker="o",
-                label=f"{script} ({len(evals)} seed{'s' * (len(evals) > 1)})")
-        if binned := [binned_games(r["games"], r["steps"]) for r in runs if r.get("games")]:
-            centres = (np.arange(len(binned[0])) + 0.5) * BIN
-            for b in binned:
-                games_ax.plot(centres, b, color=f"C{i}", linewidth=0.7, alpha=0.5)
-            seen = (~np.isnan(binned)).sum(axis=0)  # seeds with a game ending in each bin
-            mean = np.where(seen > 0, np.nansum(binned, axis=0) / np.maximum(seen, 1), np.nan)
-            games_ax.plot(centres, mean, color=f"C{i}", linewidth=2.2, marker="o",
-                          label=f"{script} ({len(binned)} of {len(runs)} seeds)")
-    if env_id in data["random"]:
-        ax.axhline(data["random"][env_id]["mean"], color="gray", linestyle="--", linewidth=1, label="random policy")
-    ax.set_ylabel("evaluation return (10 games, eps 0.05)", fontsize=8)
-    style_axes(ax, f"{env_id}: short protocol (200k steps), each seed thin, mean bold")
-    games_ax.set_ylabel(f"training game score, mean per {BIN // 1000}k steps", fontsize=8)
-    if not games_ax.lines:  # runs recorded before their training games were kept
-        games_ax.plot([], [], label="no run here recorded its training games")
-    style_axes(games_ax, "training games (full games under epsilon)")
-    return save_figure(fig, out or RESULTS_DIR / f"atari_short_{game_of(env_id)}.png")
-
-
-def takeoff(data: dict[str, Any], env_id: str = "BreakoutNoFrameskip-v4") -> str:
-    """Issue #22's comparison on one figure and one table: dqn_atari.py and dqn_atari_dueling_per.py before and after
-    the serve change, and SB3. (Ablation A's runs, results/takeoff/life_loss_reset_seed*.json, equal the fixed
-    dqn_atari.py's fresh runs evaluation for evaluation: benchmarks/RESULTS.md section 12.)"""
-    runs = [{**r, "script": f"{r['script']} before 8c08bb3"} for r in read_json(BEFORE).get("runs", [])]
-    runs += [{**r, "script": r["script"] + ("" if r["script"].startswith("stable") else " after 8c08bb3")}
-             for r in data["runs"]]
-    by_arm = arms([r for r in runs if r["env_id"] == env_id])
-    rows = []
-    for script, arm in by_arm.items():
-        cis = [iqm_ci([dict(map(tuple, r["eval"]))[step] for r in arm]) for step in (50_000, 100_000, 150_000, 200_000)]
-        rows.append([script, " ".join(str(r["seed"]) for r in arm),
-                     *(f"{ci['iqm']:.1f} [{ci['ci_low']:.1f}, {ci['ci_high']:.1f}]" for ci in cis)])
-    plot({"runs": [r for arm in by_arm.values() for r in arm], "random": data["random"]}, env_id,
-         TAKEOFF / f"{game_of(env_id).lower()}_takeoff.png")
-    return format_table(["arm", "seeds", "IQM [95% CI] at 50k", "100k", "150k", "200k"], rows)
+def plot(data: dict[str, Any], env_id: str, out: Path) -> Path:
+    """out's name + _{game}.png: evaluation returns and training games (moving mean of SMOOTH games), mean and min/max
+    over seeds, and the random policy's return."""
+    random = {"random policy": data["random"][env_id]["mean"]} if env_id in data["random"] else {}
+    return plot_env(env_id, by_implementation(data, env_id), "minmax", SMOOTH,
+                    out.with_name(f"{out.stem}_{game_of(env_id)}.png"), random)
 
 
 @dataclass
@@ -178,7 +133,6 @@ class Args:
     env_id: Optional[str] = None  # run only this game's missing cells, e.g. BreakoutNoFrameskip-v4
     max_attempts: int = 3  # leave a grid cell alone after it failed this many times
     out: Path = RESULTS_DIR / "atari_short.json"  # the JSON record
-    takeoff: bool = False  # train nothing: draw and tabulate issue #22's comparison into results/takeoff/
 
 
 def main(args: Args) -> int:
@@ -195,11 +149,6 @@ def main(args: Args) -> int:
             and args.only in (None, c.script) and args.env_id in (None, c.env_id)]
     sb3_todo = [c for c in SB3_CELLS if args.sb3 and args.only in (None, "sb3") and args.env_id in (None, c[0])
                 and not any(k[1:] == c and k[0].startswith("stable") for k in done)]
-    if args.takeoff:
-        text = takeoff(data)
-        (TAKEOFF / "breakout_takeoff.md").write_text(text + "\n")
-        print(text)
-        return 0
     if args.dry_run:
         print("to run: " + (", ".join([c.run_name for c in todo] + [f"SB3 {e} seed {s}" for e, s in sb3_todo]) or
                             "nothing"))
@@ -229,9 +178,9 @@ def main(args: Args) -> int:
     if not data["runs"]:
         return 0
     for env_id in sorted({r["env_id"] for r in data["runs"]}):
-        print(f"wrote {plot(data, env_id)}")
+        print(f"wrote {plot(data, env_id, args.out)}")
     text = table(data)
-    (RESULTS_DIR / "atari_short.md").write_text(text + "\n")
+    args.out.with_suffix(".md").write_text(text + "\n")
     print(text)
     return 0
 

@@ -19,6 +19,7 @@ from types import ModuleType
 from typing import Any, Callable, Literal, NamedTuple, Sequence, get_args
 
 import numpy as np
+from tabulate import tabulate
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
@@ -205,27 +206,12 @@ def iqm_ci(values: Sequence[float], reps: int = 2000, level: float = 0.95, seed:
     return {"iqm": float(iqm(x)), "ci_low": float(low), "ci_high": float(high), "level": level, "n": len(x)}
 
 
-def fmt(value: Any, digits: int = 1) -> str:
-    """Numbers with thousands separators and `digits` decimals (ints without); None/NaN as '-'."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return str(value)
-    return f"{value:,}" if isinstance(value, int) else f"{value:,.{digits}f}"
-
-
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], digits: int = 1) -> str:
-    """A markdown table, numbers right-aligned."""
-    cells = [[fmt(v, digits) for v in row] for row in rows]
-    widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(headers)]
-    numeric = [bool(rows) and all(isinstance(r[i], (int, float)) or r[i] is None for r in rows)
-               for i in range(len(headers))]
-
-    def line(values: Sequence[str]) -> str:
-        return "| " + " | ".join(v.rjust(w) if n else v.ljust(w) for v, w, n in zip(values, widths, numeric)) + " |"
-
-    rule = "|" + "|".join("-" * (w + 1) + ":" if n else "-" * (w + 2) for w, n in zip(widths, numeric)) + "|"
-    return "\n".join([line(headers), rule, *map(line, cells)])
+    """A markdown table: numbers right-aligned, with thousands separators and `digits` decimals; None as '-'; columns
+    of strings as given (tabulate would read '2.00' as a number and print it with `digits`)."""
+    strings = [i for i in range(len(headers)) if all(isinstance(row[i], str) for row in rows)]
+    return tabulate(rows, headers, tablefmt="pipe", floatfmt=f",.{digits}f", intfmt=",", missingval="-",
+                    numalign="right", disable_numparse=strings)
 
 
 def machine_info() -> dict[str, Any]:

@@ -6,7 +6,8 @@
 #   2. Then, alone on the machine: training-phase SPS of both Atari scripts, eager and --cudagraphs, at 8 and 16 envs,
 #      with the update cost of each at 8 envs (COMPILE=1 adds --cudagraphs --compile at 8 envs).
 # Everything lands under $OUT (default benchmarks/results/gpu_check): JSONs, logs, the runs' summary.json and events.
-#   bash benchmarks/gpu_check.sh                  # on the device: see ../shared/device/README.md for the wheels
+#   bash benchmarks/gpu_check.sh    # on the device, after the wheels of ../shared/device/README.md, made with
+#                                   # bash ../shared/device/prepare_wheels.sh tabulate==0.10.0 (benchmarks' tables)
 set -u
 cd "$(dirname "$0")/.."
 OUT=$(realpath -m "${OUT:-benchmarks/results/gpu_check}")
@@ -46,17 +47,6 @@ if [ "${COMPILE:-0}" = 1 ]; then
 fi
 rm -rf "$OUT/sps"/runs/*/*.pt
 
-# the summary: the tests' last line, SPS per script and setting, the short protocol's evaluations
-$PY - "$OUT" <<'EOF' | tee "$OUT/summary.txt"
-import json, sys
-from pathlib import Path
-out = Path(sys.argv[1])
-print((out / "logs/pytest_cuda.txt").read_text().strip().splitlines()[-2:])
-for path in sorted(out.glob("sps_*.json")):
-    for run in json.loads(path.read_text())["atari"]:
-        cost = run.get("update_cost") or {}
-        print(f"{path.stem:24} {run['script']:26} {run['training']['sps']:8.0f} SPS"
-              + (f"  {1e3 * cost['seconds_per_update']:.2f} ms/update" if cost else ""))
-for log in sorted(out.glob("logs/short_seed*.log")):
-    print(log.stem, [line for line in log.read_text().splitlines() if "eval return" in line or line.startswith("exit")])
-EOF
+# the summary: the CUDA tests' last line, each SPS table (its ms/update column: the update cost), the short runs' ends
+{ tail -n 2 "$OUT/logs/pytest_cuda.txt"; grep -H -A3 "^| script" "$OUT"/logs/sps_*.log
+  grep -H "eval return\|^exit" "$OUT"/logs/short_seed*.log; } | tee "$OUT/summary.txt"

@@ -12,7 +12,7 @@ import torch
 import tyro
 
 from benchmarks.common import (ATARI_SCRIPTS, CARTPOLE_SCRIPT, KB, REFERENCES, RESULTS_DIR, SCRIPTS, AtariScript,
-                               Script, fmt, format_table, in_fresh_process, load_script, pick_device, read_summary,
+                               Script, format_table, in_fresh_process, load_script, pick_device, read_summary,
                                references_json, run_name_for, run_script, sps_from_points, timed_blocks, training_sps,
                                write_json)
 
@@ -463,8 +463,9 @@ class CartpoleSolve:
         print(format_table(["seed", "solved", "steps", "seconds", "process s", "best eval"],
                            [[r["seed"], "yes" if r["solved"] else "not solved", r["steps"], r["seconds"],
                              r["process_wall_s"], r["summary"].get("best_eval_return")] for r in results], digits=1))
-        print(f"solved {summary['solved']}/{summary['seeds']} seeds; median over solved seeds: "
-              f"{fmt(summary['median_steps'], 0)} steps, {fmt(summary['median_seconds'])} s")
+        median = (f"; median over solved seeds: {summary['median_steps']:,.0f} steps, {summary['median_seconds']:.1f} s"
+                  if summary["solved"] else "")
+        print(f"solved {summary['solved']}/{summary['seeds']} seeds{median}")
         references = ["cleanrl_cartpole_steps", "cleanrl_cartpole_seconds"]
         steps, secs = (REFERENCES[k] for k in references)
         print(f"reference: CleanRL dqn.py ~{steps.value:,.0f} steps, ~{secs.value:.0f} s ({steps.source}; "

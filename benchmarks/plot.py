@@ -149,8 +149,10 @@ def scores_markdown(scores: dict[tuple[str, str], dict[str, Any]], last_episodes
         f"Tabulated on: {describe_machine(machine_info())}.", ""])
 
 
-def plot_env(env_id: str, groups: dict[str, list[RunData]], spread: Spread, smooth: int, out: Path,
-             reference_lines: bool = True) -> Path:
+def plot_env(env_id: str, groups: dict[str, list[RunData]], spread: Spread, smooth: int, path: Path,
+             lines: dict[str, float]) -> Path:
+    """Evaluation returns and smoothed training returns, mean and band over seeds, with a dashed line per `lines`
+    entry (label -> score) on the evaluation panel."""
     fig = Figure(figsize=(9, 3.2), dpi=100)  # drawn for a file only: no pyplot, no display
     panels = {EVAL_TAG: "evaluation return", TRAIN_TAG: "training episode return"}
     for ax, (tag, title) in zip(fig.subplots(1, 2), panels.items()):
@@ -163,33 +165,23 @@ def plot_env(env_id: str, groups: dict[str, list[RunData]], spread: Spread, smoo
             if (agg := aggregate(curves, spread)) is None:
                 continue
             grid, mean, lo, hi = agg
-            label = f"{exp_name} ({len(runs)} seeds)"
+            label = f"{exp_name} ({sum(len(steps) > 0 for steps, _ in curves)} seeds)"  # the seeds with this curve
             if len(grid) == 1:
                 ax.errorbar(grid, mean, yerr=[mean - lo, hi - mean], fmt="o", capsize=3, label=label)
             else:
                 (line,) = ax.plot(grid, mean, label=label)
                 ax.fill_between(grid, lo, hi, color=line.get_color(), alpha=0.2)
-        if tag == EVAL_TAG and reference_lines:
-            for column, (score, _) in PUBLISHED_SCORES.get(game_of(env_id), {}).items():
-                ax.axhline(score, linestyle="--", linewidth=0.8, color="gray")
-                ax.annotate(column, (0, score), xycoords=("axes fraction", "data"), fontsize=6, color="gray",
-                            va="bottom")
-        style_axes(ax, title)
+        for label, score in lines.items() if tag == EVAL_TAG else ():
+            ax.axhline(score, linestyle="--", linewidth=0.8, color="gray")
+            ax.annotate(label, (0, score), xycoords=("axes fraction", "data"), fontsize=6, color="gray", va="bottom")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("env steps", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if ax.get_legend_handles_labels()[0]:  # a panel can be empty: runs recorded before their training games
+            ax.legend(fontsize=7)
     band = "mean +- std over seeds" if spread == "std" else "mean, min/max over seeds"
     smoothing = f"; training returns: moving mean of {smooth} episodes" if smooth > 1 else ""
     fig.suptitle(f"{env_id} ({band}{smoothing})", fontsize=9)
-    return save_figure(fig, out / f"{env_id.replace('/', '-')}.png")
-
-
-def style_axes(ax: Any, title: str) -> None:
-    """The small type of our result plots: title, 'env steps' on x, the legend."""
-    ax.set_title(title, fontsize=9)
-    ax.set_xlabel("env steps", fontsize=8)
-    ax.tick_params(labelsize=7)
-    ax.legend(fontsize=7)
-
-
-def save_figure(fig: Figure, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path)
     return path
@@ -215,7 +207,10 @@ def main(args: Args) -> None:
         groups[run.env_id][run.exp_name].append(run)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     for env_id, by_script in sorted(groups.items()):
-        print(f"wrote {plot_env(env_id, by_script, args.spread, args.smooth, args.out_dir, args.reference_lines)}")
+        published = PUBLISHED_SCORES.get(game_of(env_id), {}) if args.reference_lines else {}
+        path = args.out_dir / f"{env_id.replace('/', '-')}.png"
+        lines = {column: score for column, (score, _) in published.items()}
+        print(f"wrote {plot_env(env_id, by_script, args.spread, args.smooth, path, lines)}")
     scores = {(env_id, exp): final_scores(rs, args.last_episodes)
               for env_id, by_script in groups.items() for exp, rs in by_script.items()}
     markdown = scores_markdown(scores, args.last_episodes, [r.machine for r in runs], args.runs)

@@ -8,6 +8,7 @@ Cheap (seconds); nothing here measures anything.
 """
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -94,9 +95,9 @@ def test_iqm_and_bootstrap_ci_match_rliable_on_known_numbers():
 
 def test_format_table_aligns_numbers_right_and_marks_missing():
     table = common.format_table(["name", "sps"], [["a", 1234.5], ["bb", None]]).splitlines()
-    assert table[0] == "| name |     sps |"
-    assert table[1] == "|------|--------:|"
-    assert table[2] == "| a    | 1,234.5 |" and table[3] == "| bb   |       - |"
+    assert table[0] == "| name   |     sps |"
+    assert table[1] == "|:-------|--------:|"
+    assert table[2] == "| a      | 1,234.5 |" and table[3] == "| bb     |       - |"
 
 
 def test_run_name_follows_the_scripts_pattern():
@@ -419,8 +420,7 @@ def test_atari_short_cells_and_sps_without_pauses():
     assert common.sps_from_points(points, max_gap=atari_short.GAP_S)["sps"] == 100.0
 
 
-def test_atari_short_skips_recorded_cells_reports_and_refuses_another_protocol(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(atari_short, "RESULTS_DIR", tmp_path)
+def test_atari_short_skips_recorded_cells_reports_and_refuses_another_protocol(tmp_path, capsys):
     runs = [{"script": c.script, "env_id": c.env_id, "seed": c.seed, "final_eval_return": 10.0 + c.seed,
              "eval": [[50_000, 1.0], [100_000, 10.0 + c.seed]]}
             for env_id in atari_short.PLAN for c in atari_short.wanted_cells(env_id)]
@@ -454,25 +454,19 @@ def test_atari_short_skips_recorded_cells_reports_and_refuses_another_protocol(t
     assert "other protocol flags" in capsys.readouterr().err
 
 
-def test_atari_short_takeoff_table_and_training_game_bins(tmp_path, monkeypatch):
-    games = [[10_000, 1.0], [20_000, 3.0], [60_000, 5.0], [199_999, 9.0]]  # (env step a game ended at, its score)
-    bins = atari_short.binned_games(games, 200_000)
-    assert bins[0] == 2.0 and np.isnan(bins[1]) and bins[2] == 5.0 and bins[-1] == 9.0 and len(bins) == 8
-    run = lambda script, seed, v: {"script": script, "env_id": "BreakoutNoFrameskip-v4", "seed": seed,  # noqa: E731
-                                   "steps": 200_000, "final_eval_return": v, "games": games,
-                                   "eval": [[s, v * s / 200_000] for s in (50_000, 100_000, 150_000, 200_000)]}
-    monkeypatch.setattr(atari_short, "BEFORE", tmp_path / "before.json")
-    monkeypatch.setattr(atari_short, "TAKEOFF", tmp_path)
-    (tmp_path / "before.json").write_text(json.dumps({"runs": [run("dqn_atari.py", s, 8.0 + s) for s in (1, 2, 3)]}))
-    data = {"random": {}, "runs": [run("stable-baselines3 2.9.2 DQN", 1, 16.0), run("dqn_atari.py", 1, 24.0)]}
-    lines = atari_short.takeoff(data).splitlines()
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lines[2:]}
-    assert rows["dqn_atari.py before 8c08bb3"] == ["1 2 3", "2.5 [2.2, 2.8]", "5.0 [4.5, 5.5]", "7.5 [6.8, 8.2]",
-                                                   "10.0 [9.0, 11.0]"]
-    assert rows["dqn_atari.py after 8c08bb3"][-1] == "24.0 [24.0, 24.0]"
-    assert set(rows) == {"dqn_atari.py before 8c08bb3", "dqn_atari.py after 8c08bb3", "stable-baselines3 2.9.2 DQN"}
-    assert rows["stable-baselines3 2.9.2 DQN"][0] == "1"
-    assert (tmp_path / "breakout_takeoff.png").stat().st_size > 0
+def test_atari_short_draws_every_implementation_with_its_training_games(tmp_path):
+    games = [[step, step / 10_000] for step in range(1_000, 200_000, 1_000)]  # (env step a game ended at, its score)
+    run = lambda script, seed: {"script": script, "env_id": "BreakoutNoFrameskip-v4", "seed": seed,  # noqa: E731
+                                "games": games, "eval": [[s, seed * s / 50_000] for s in (50_000, 100_000, 200_000)]}
+    data = {"random": {"BreakoutNoFrameskip-v4": {"mean": 1.0}},
+            "runs": [run("stable-baselines3 2.9.2 DQN", 2), run("dqn_atari.py", 2), run("dqn_atari.py", 1)]}
+    groups = atari_short.by_implementation(data, "BreakoutNoFrameskip-v4")
+    assert list(groups) == ["dqn_atari.py", "stable-baselines3 2.9.2 DQN"]
+    assert [r.seed for r in groups["dqn_atari.py"]] == [1, 2]  # seed order, whatever the record's order
+    sb3 = groups["stable-baselines3 2.9.2 DQN"][0]
+    assert sb3.eval[-1] == ScalarPoint(200_000, 0.0, 8.0) and [p.value for p in sb3.train] == [g[1] for g in games]
+    path = atari_short.plot(data, "BreakoutNoFrameskip-v4", tmp_path / "atari_short.json")
+    assert path == tmp_path / "atari_short_Breakout.png" and path.stat().st_size > 0
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -526,7 +520,7 @@ def test_game_of_and_final_scores():
     assert (scores["final_eval_iqm"]["iqm"], scores["final_eval_iqm"]["ci_low"]) == (15.0, 10.0)
     text = plot.scores_markdown({("PongNoFrameskip-v4", "dqn_atari"): scores}, 2, [None, None], [Path("runs")])
     assert "15.0 +- 5.0" in text and "20.25 +- 0.41" in text and "18.9 +- 1.3" in text
-    assert "| 15.0 | [10.0, 20.0]" in text and "IQM" in text  # IQM over seeds and its bootstrap CI
+    assert re.search(r"\| 15\.0 +\| \[10\.0, 20\.0\] +\|", text) and "IQM" in text  # IQM and its bootstrap CI
     assert "2 of 2 runs have no record" in text
 
 

@@ -74,8 +74,7 @@ def cell_record(paths: GridPaths, cell: Cell) -> dict[str, Any]:
     return {"script": cell.script, "env_id": cell.env_id, "seed": cell.seed, "steps": evals[-1].step,
             "eval": [[p.step, p.value] for p in evals], "final_eval_return": evals[-1].value,
             "sps": sps_from_points([(p.step, p.wall_time) for p in scalars["losses/td_loss"]], GAP_S)["sps"],
-            "wall_s": state.get("wall_s", state["ended"] - state["started"]),
-            "commit": (state.get("git") or {}).get("commit"), "machine": describe_machine(state["machine"]),
+            "wall_s": state["wall_s"], "commit": state["git"]["commit"], "machine": describe_machine(state["machine"]),
             "run_name": cell.run_name, "games": [[p.step, p.value] for p in scalars[TRAIN_TAG]]}
 
 

@@ -92,9 +92,7 @@ class GridPaths:
         return self.root / "state" / f"{cell.run_name}.json"
 
     def done(self, cell: Cell) -> bool:
-        """Its summary.json says it finished; or the runner of before summary.json left state/{run_name}.done."""
-        return (read_summary(self.run_dir(cell)).get("stop_reason") in DONE_REASONS
-                or (self.root / "state" / f"{cell.run_name}.done").exists())
+        return read_summary(self.run_dir(cell)).get("stop_reason") in DONE_REASONS
 
 
 def load_or_create_spec(paths: GridPaths, given: Optional[GridSpec]) -> GridSpec:

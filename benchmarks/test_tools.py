@@ -380,32 +380,6 @@ def test_slurm_submits_the_unfinished_cells_as_one_submitit_job_array(tmp_path, 
     assert all(paths.done(c) for c in grid.expand_grid(given))
 
 
-def test_old_layout_grid_folder_keeps_finished_cells_and_resumes_interrupted_ones(fake_grid, monkeypatch, capsys):
-    # benchmarks/results/grids/* as the runner of before summary.json left them: a finished cell has
-    # state/{run}.done (and a checkpoint), an interrupted one only its checkpoint and a state json
-    runner, cell = fake_grid
-    paths = runner.paths
-    paths.run_dir(cell).mkdir(parents=True)
-    (paths.run_dir(cell) / "checkpoint.pt").write_bytes(b"")
-    (paths.root / "state").mkdir()
-    (paths.root / "state" / f"{cell.run_name}.json").write_text(json.dumps(
-        {"status": "running", "attempts": 1, "failures": 0, "wall_s": 100.0, "started": 1.0}))
-    (paths.root / "state" / f"{cell.run_name}.lock").write_text("")
-    assert grid.plan(paths, cell, 3) == grid.RESUME
-    assert grid.main(grid.Args(name="fake", root=paths.root.parent, dry_run=True)) == 0
-    assert "] resume " in capsys.readouterr().out
-    monkeypatch.setenv("FAKE_EXIT", "0")
-    assert runner.run_cell(cell, 1) == "done"
-    assert f"--resume runs/{cell.run_name}/checkpoint.pt" in argv_lines(paths, cell)[0]
-    state = json.loads(paths.state(cell).read_text())
-    assert state["attempts"] == 2 and state["wall_s"] > 100.0  # the old attempts' count and time carry on
-
-    (paths.run_dir(cell) / "summary.json").unlink()  # finished before summary.json existed: only the marker
-    (paths.root / "state" / f"{cell.run_name}.done").write_text("exit 0\n")
-    assert paths.done(cell) and runner.run_cell(cell, 1) == grid.SKIP_DONE
-    assert len(argv_lines(paths, cell)) == 1  # not rerun
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # atari_short
 # ---------------------------------------------------------------------------------------------------------------------

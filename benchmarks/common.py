@@ -19,7 +19,6 @@ from types import ModuleType
 from typing import Any, Callable, Literal, NamedTuple, Sequence, get_args
 
 import numpy as np
-from tabulate import tabulate
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
@@ -207,11 +206,16 @@ def iqm_ci(values: Sequence[float], reps: int = 2000, level: float = 0.95, seed:
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], digits: int = 1) -> str:
-    """A markdown table: numbers right-aligned, with thousands separators and `digits` decimals; None as '-'; columns
-    of strings as given (tabulate would read '2.00' as a number and print it with `digits`)."""
-    strings = [i for i in range(len(headers)) if all(isinstance(row[i], str) for row in rows)]
+    """A markdown table (tabulate's): columns of numbers right-aligned, with thousands separators and `digits` decimals,
+    None and NaN as '-'; other columns left-aligned, their strings as given (tabulate would print '2.00' as a number)."""
+    from tabulate import tabulate  # here, so that reading PROTOCOL (gpu_check.sh) needs no tabulate
+
+    rows = [[None if isinstance(v, float) and math.isnan(v) else v for v in row] for row in rows]
+    numeric = [bool(rows) and all(isinstance(row[i], (int, float)) or row[i] is None for row in rows)
+               for i in range(len(headers))]
     return tabulate(rows, headers, tablefmt="pipe", floatfmt=f",.{digits}f", intfmt=",", missingval="-",
-                    numalign="right", disable_numparse=strings)
+                    colalign=["right" if n else "left" for n in numeric],
+                    disable_numparse=[i for i, n in enumerate(numeric) if not n] if rows else True)
 
 
 def machine_info() -> dict[str, Any]:

@@ -12,6 +12,7 @@ set -u
 cd "$(dirname "$0")/.."
 OUT=$(realpath -m "${OUT:-benchmarks/results/gpu_check}")
 PY=${PYTHON:-python3}
+$PY -c "import ale_py, gymnasium, tabulate, tyro" || { echo "error: install the carried wheels first (see above)" >&2; exit 2; }
 mkdir -p "$OUT/logs" "$OUT/short"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/logs/gpu.txt" 2>&1
 git rev-parse HEAD > "$OUT/logs/commit.txt" 2>&1

@@ -165,7 +165,8 @@ def plot_env(env_id: str, groups: dict[str, list[RunData]], spread: Spread, smoo
             if (agg := aggregate(curves, spread)) is None:
                 continue
             grid, mean, lo, hi = agg
-            label = f"{exp_name} ({sum(len(steps) > 0 for steps, _ in curves)} seeds)"  # the seeds with this curve
+            seeds = sum(len(steps) > 0 for steps, _ in curves)  # the seeds with this curve
+            label = f"{exp_name} ({seeds} seed{'s' * (seeds != 1)})"
             if len(grid) == 1:
                 ax.errorbar(grid, mean, yerr=[mean - lo, hi - mean], fmt="o", capsize=3, label=label)
             else:

@@ -98,6 +98,11 @@ def test_format_table_aligns_numbers_right_and_marks_missing():
     assert table[0] == "| name   |     sps |"
     assert table[1] == "|:-------|--------:|"
     assert table[2] == "| a      | 1,234.5 |" and table[3] == "| bb     |       - |"
+    # a column of None only, NaN, number-like strings (kept as given), ints; no rows at all
+    table = common.format_table(["ms", "x", "seeds", "n"], [[None, float("nan"), "2.00", 1000], [None, 3.25, "1 2", 2]])
+    assert table.splitlines()[1:] == ["|-----:|----:|:--------|------:|", "|    - |   - | 2.00    | 1,000 |",
+                                      "|    - | 3.2 | 1 2     |     2 |"]
+    assert common.format_table(["a", "b"], []).splitlines()[0] == "| a   | b   |"
 
 
 def test_run_name_follows_the_scripts_pattern():
@@ -133,8 +138,9 @@ def test_gpu_check_script_parses_and_finds_the_protocol():
     """gpu_check.sh runs only on a lent GPU: here at least its syntax, and the protocol flags it reads."""
     assert subprocess.run(["bash", "-n", "benchmarks/gpu_check.sh"], cwd=common.REPO_ROOT).returncode == 0
     assert "--no-cuda" in common.PROTOCOL and "--checkpoint-buffer" in common.PROTOCOL  # it replaces both
-    # the device has no matplotlib: the protocol must come from a module that does not import it
-    blocked = "import sys; sys.modules['matplotlib'] = None; from benchmarks.common import PROTOCOL; print(*PROTOCOL)"
+    # the device has no matplotlib or tabulate: the protocol must come from a module that imports neither
+    blocked = ("import sys; sys.modules['matplotlib'] = sys.modules['tabulate'] = None; "
+               "from benchmarks.common import PROTOCOL; print(*PROTOCOL)")
     printed = subprocess.run([sys.executable, "-c", blocked], cwd=common.REPO_ROOT, capture_output=True, text=True)
     assert printed.stdout.split() == list(common.PROTOCOL), printed.stderr
 

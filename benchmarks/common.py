@@ -207,7 +207,7 @@ def iqm_ci(values: Sequence[float], reps: int = 2000, level: float = 0.95, seed:
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], digits: int = 1) -> str:
     """A markdown table (tabulate's): columns of numbers right-aligned, with thousands separators and `digits` decimals,
-    None and NaN as '-'; other columns left-aligned, their strings as given (tabulate would print '2.00' as a number)."""
+    None and NaN as '-'; other columns left-aligned, their strings as given (tabulate would reformat '2.00')."""
     from tabulate import tabulate  # here, so that reading PROTOCOL (gpu_check.sh) needs no tabulate
 
     rows = [[None if isinstance(v, float) and math.isnan(v) else v for v in row] for row in rows]

@@ -434,7 +434,7 @@ def test_atari_short_skips_recorded_cells_reports_and_refuses_another_protocol(t
     assert "other protocol flags" in capsys.readouterr().err
 
 
-def test_atari_short_draws_every_implementation_with_its_training_games(tmp_path):
+def test_atari_short_draws_every_implementation_with_its_training_games(tmp_path, monkeypatch):
     games = [[step, step / 10_000] for step in range(1_000, 200_000, 1_000)]  # (env step a game ended at, its score)
     run = lambda script, seed: {"script": script, "env_id": "BreakoutNoFrameskip-v4", "seed": seed,  # noqa: E731
                                 "games": games, "eval": [[s, seed * s / 50_000] for s in (50_000, 100_000, 200_000)]}
@@ -445,8 +445,16 @@ def test_atari_short_draws_every_implementation_with_its_training_games(tmp_path
     assert [r.seed for r in groups["dqn_atari.py"]] == [1, 2]  # seed order, whatever the record's order
     sb3 = groups["stable-baselines3 2.9.2 DQN"][0]
     assert sb3.eval[-1] == ScalarPoint(200_000, 0.0, 8.0) and [p.value for p in sb3.train] == [g[1] for g in games]
+    figures = []
+    save = plot.Figure.savefig
+    monkeypatch.setattr(plot.Figure, "savefig", lambda fig, path: (figures.append(fig), save(fig, path)))
     path = atari_short.plot(data, "BreakoutNoFrameskip-v4", tmp_path / "atari_short.json")
     assert path == tmp_path / "atari_short_Breakout.png" and path.stat().st_size > 0
+    evals, train = figures[0].axes
+    labels = lambda ax: [t.get_text() for t in ax.get_legend().get_texts()]  # noqa: E731
+    assert labels(evals) == labels(train) == ["dqn_atari.py (2 seeds)", "stable-baselines3 2.9.2 DQN (1 seed)"]
+    assert [line.get_ydata()[0] for line in evals.lines][-1] == 1.0  # the random policy, dashed
+    assert max(train.lines[0].get_ydata()) > 15  # the training games' moving mean climbs with the scores
 
 
 # ---------------------------------------------------------------------------------------------------------------------

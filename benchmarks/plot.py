@@ -172,9 +172,10 @@ def plot_env(env_id: str, groups: dict[str, list[RunData]], spread: Spread, smoo
             else:
                 (line,) = ax.plot(grid, mean, label=label)
                 ax.fill_between(grid, lo, hi, color=line.get_color(), alpha=0.2)
-        for label, score in lines.items() if tag == EVAL_TAG else ():
-            ax.axhline(score, linestyle="--", linewidth=0.8, color="gray")
-            ax.annotate(label, (0, score), xycoords=("axes fraction", "data"), fontsize=6, color="gray", va="bottom")
+        if tag == EVAL_TAG:
+            for name, score in lines.items():
+                ax.axhline(score, linestyle="--", linewidth=0.8, color="gray")
+                ax.annotate(name, (0, score), xycoords=("axes fraction", "data"), fontsize=6, color="gray", va="bottom")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("env steps", fontsize=8)
         ax.tick_params(labelsize=7)

@@ -59,7 +59,8 @@ def random_baseline(env_id: str) -> dict[str, Any]:
     script = load_script("dqn_atari.py")
     game, sticky = script.atari_game(env_id)
     frames = script.Args().max_episode_frames
-    q_network = script.QNetwork(script.count_actions(game, sticky, frames))  # acts only when epsilon < 1
+    n_actions = int(script.make_env(game, 1, sticky, frames, train=True).single_action_space.n)
+    q_network = script.QNetwork(n_actions)  # acts only when epsilon < 1
     returns, lengths = script.evaluate(q_network, game, sticky, frames, RANDOM["episodes"], RANDOM["epsilon"],
                                        RANDOM["seed"], torch.device("cpu"))
     return {"mean": float(returns.mean()), "std": float(returns.std()), "episodes": len(returns),

@@ -101,7 +101,7 @@ class UpdateCost:
         RunState (channels-last conv weights, fused Adam), or with --plain built as CleanRL and SB3 build them (NCHW
         weights, for-loop Adam): the same math, for a same-machine comparison of the update alone."""
         args = mod.Args(batch_size=self.batch_size)
-        run = mod.RunState(args, n_actions, device)
+        run = mod.RunState(args, n_actions, device, rb, self.cudagraphs)
         if self.plain:
             run.q_network, run.target_network = mod.QNetwork(n_actions).to(device), mod.QNetwork(n_actions).to(device)
             run.target_network.load_state_dict(run.q_network.state_dict())
@@ -120,7 +120,8 @@ class UpdateCost:
         defaults = mod.Args()
         torch.manual_seed(defaults.seed)
         torch.backends.cudnn.deterministic = defaults.torch_deterministic  # as the script sets it
-        n_actions = mod.count_actions(*mod.atari_game(self.env_id), 108_000)
+        game, sticky = mod.atari_game(self.env_id)
+        n_actions = int(mod.make_env(game, 1, sticky, 108_000, train=True).single_action_space.n)
         per = hasattr(defaults, "prioritized_replay_alpha")  # the PER buffer's priority exponent and floor
         rb_kwargs = {"alpha": defaults.prioritized_replay_alpha, "eps": defaults.prioritized_replay_eps} if per else {}
         rb = mod.ReplayBuffer(self.capacity, 1, device, device, defaults.gamma, **rb_kwargs)  # 1 env, on the device

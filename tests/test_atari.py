@@ -61,13 +61,13 @@ def test_memory_per_transition(dqn):
 def test_buffer_too_large_for_memory_fails_with_the_largest_that_fits(dqn, capsys):
     args = dqn.Args(buffer_size=10**9)
     with pytest.raises(SystemExit) as exit_info:
-        dqn.replay_storage(args, torch.device("cpu"))
+        dqn.place_replay(args, torch.device("cpu"))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     largest = int(err.rsplit("--buffer-size ", 1)[1])
     assert f"needs {dqn.ReplayBuffer.bytes_needed(10**9, args.num_envs) / 1e9:.1f} GB" in err and 0 < largest < 10**9
     # the suggestion fits (1% below it, as free memory moves a little between two readings)
-    assert dqn.replay_storage(dqn.Args(buffer_size=int(largest * 0.99)), torch.device("cpu")) == torch.device("cpu")
+    assert dqn.place_replay(dqn.Args(buffer_size=int(largest * 0.99)), torch.device("cpu")) == torch.device("cpu")
 
 
 def test_tiny_buffer_keeps_a_stack_per_env(dqn):
@@ -530,11 +530,13 @@ def run_args(dqn, **overrides):
 
 def learner_state(run, rb) -> list[torch.Tensor]:
     tree = [rb.tree.sums, rb.tree.mins, rb.max_priority] if hasattr(rb, "tree") else []
-    return [*run.q_network.parameters(), *run.target_network.parameters(), *run.optimizer_tensors(), *tree]
+    adam = [v for state in run.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+    return [*run.q_network.parameters(), *run.target_network.parameters(), *adam, *tree]
 
 
 class StandInGraph:
-    """torch.cuda's graph calls on the CPU: recording runs the update once, eagerly; a replay does nothing."""
+    """torch.cuda's graph on the CPU: the capture block runs eagerly (the update it records, on the batch sampled for
+    it); a replay does nothing, so only the updates up to the capture can be compared with eager ones."""
 
     def replay(self):
         pass
@@ -548,71 +550,72 @@ class StandInStream:
 def stand_in_for_cuda_graphs(monkeypatch):
     for name, stand_in in [("CUDAGraph", StandInGraph), ("Stream", StandInStream), ("current_stream", StandInStream),
                            ("stream", lambda stream: contextlib.nullcontext()),
-                           ("graph", lambda graph: contextlib.nullcontext()),
-                           ("get_rng_state", torch.get_rng_state), ("set_rng_state", torch.set_rng_state)]:
+                           ("graph", lambda graph: contextlib.nullcontext())]:
         monkeypatch.setattr(torch.cuda, name, stand_in)
 
 
-@pytest.mark.parametrize("earlier_updates", [0, 2])  # a fresh Adam (no state yet), or a resumed one
-def test_capture_undoes_its_warm_up_updates_in_place(dqn, monkeypatch, earlier_updates):
-    """make_learner's graph path captures at the first update, after eager warm-up updates. With torch.cuda's graph
-    calls stood in for on the CPU (recording runs the update once, eagerly), the first graphed update must leave
-    exactly the state of one eager update from the same state and RNG: the warm-up is undone in place (weights, Adam's
-    moments and step, PER's sum tree and largest priority, the RNG), and the run keeps no trace of the capture
-    (capturable back to False, so that checkpoints load on a CPU)."""
+def test_the_graph_paths_warm_ups_and_capture_are_real_counted_updates(dqn, monkeypatch):
+    """make_learner's graph path: WARM_UPS eager updates, then the capture of the next one. With torch.cuda's graph
+    calls stood in for on the CPU, those WARM_UPS + 1 updates must equal eager updates from the same state and RNG,
+    bit for bit (weights, Adam's state, PER's tree): nothing is warmed up and undone, and no batch is skipped."""
     stand_in_for_cuda_graphs(monkeypatch)
     cpu, results = torch.device("cpu"), []
     for graphs in (False, True):
         rb = random_replay(dqn, cpu)
         torch.manual_seed(0)
-        run = dqn.RunState(run_args(dqn), 4, cpu)
-        eager = learner(dqn, run, rb, graphs=False)
-        for _ in range(earlier_updates):
-            eager()
-        torch.manual_seed(1)
-        stats = learner(dqn, run, rb, graphs)().clone()
+        run = dqn.RunState(run_args(dqn), 4, cpu, rb)
+        learn = learner(dqn, run, rb, graphs)
+        stats = torch.stack([learn().clone() for _ in range(dqn.WARM_UPS + 1)])
         if hasattr(rb, "apply_pending_priorities"):  # eagerly the new priorities reach the tree at the next add
             rb.apply_pending_priorities()
-        results.append((stats, learner_state(run, rb)))
-        assert [g["capturable"] for g in run.optimizer.param_groups] == [False]
+        results.append((stats, [t.clone() for t in learner_state(run, rb)]))
     (stats_e, state_e), (stats_g, state_g) = results
-    assert torch.equal(stats_e, stats_g)
+    assert torch.equal(stats_e, stats_g) and len(set(stats_e[:, 0].tolist())) == dqn.WARM_UPS + 1
     assert all(torch.equal(a, b) for a, b in zip(state_e, state_g, strict=True))
 
 
-def test_a_capture_that_fails_leaves_the_state_from_before_it(dqn, monkeypatch):
-    """A warm-up update that raises (out of memory, say) propagates, and the run's state is the one before the
-    capture, so that the crash checkpoint holds no uncounted update (and PER no priorities from graph memory)."""
+def test_a_capture_that_fails_propagates_and_leaves_no_pending_graph_memory(dqn, monkeypatch):
     stand_in_for_cuda_graphs(monkeypatch)
     cpu, train_step, calls = torch.device("cpu"), dqn.train_step, []
     rb = random_replay(dqn, cpu)
-    run = dqn.RunState(run_args(dqn), 4, cpu)
-    learner(dqn, run, rb, graphs=False)()  # an Adam state to restore
-    if hasattr(rb, "apply_pending_priorities"):
-        rb.apply_pending_priorities()
-    before = [t.clone() for t in learner_state(run, rb)]
+    run = dqn.RunState(run_args(dqn), 4, cpu, rb)
 
-    def second_warm_up_fails(*args, **kwargs):
+    def capture_fails(*args, **kwargs):
         stats = train_step(*args, **kwargs)  # PER: its new priorities are pending
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == dqn.WARM_UPS + 1:
             raise RuntimeError("CUDA out of memory")
         return stats
-    monkeypatch.setattr(dqn, "train_step", second_warm_up_fails)
+    monkeypatch.setattr(dqn, "train_step", capture_fails)
+    learn = learner(dqn, run, rb, graphs=True)
+    for _ in range(dqn.WARM_UPS):
+        learn()
     with pytest.raises(RuntimeError, match="out of memory"):
-        learner(dqn, run, rb, graphs=True)()
-    assert all(torch.equal(a, b) for a, b in zip(learner_state(run, rb), before, strict=True))
-    assert [g["capturable"] for g in run.optimizer.param_groups] == [False]
+        learn()
     assert getattr(rb, "pending", None) is None
 
 
-def test_gpu_flags_on_the_cpu_warn_once_and_change_nothing(dqn, capsys):
+def test_a_capturable_adams_checkpoint_loads_and_steps_on_the_cpu(dqn):
+    """A --cudagraphs run saves Adam with capturable=True; the CPU run that loads it takes its own setting."""
     cpu = torch.device("cpu")
-    run = dqn.RunState(dqn.Args(), 4, cpu)
-    assert dqn.gpu_speedups(dqn.Args(cudagraphs=True, compile=True), run, cpu) is False
-    assert capsys.readouterr().err == "warning: --cudagraphs and --compile need a CUDA GPU; ignored on the CPU\n"
-    assert dqn.gpu_speedups(dqn.Args(), run, cpu) is False and capsys.readouterr().err == ""
-    assert not hasattr(run.q_network, "_compiled_call_impl") or run.q_network._compiled_call_impl is None
+    rb = random_replay(dqn, cpu)
+    run = dqn.RunState(run_args(dqn), 4, cpu, rb)
+    learner(dqn, run, rb, graphs=False)()
+    state = run.state_dict()
+    state["optimizer"]["param_groups"][0]["capturable"] = True
+    again = dqn.RunState(run_args(dqn), 4, cpu, rb)
+    again.load_state_dict(state)
+    assert [g["capturable"] for g in again.optimizer.param_groups] == [False]
+    learner(dqn, again, rb, graphs=False)()  # a capturable Adam would refuse CPU state steps
+
+
+def test_gpu_flags_on_the_cpu_warn_once_and_change_nothing(script, tmp_path):
+    flags = ["--learning-starts", 10, "--total-timesteps", 16, "--buffer-size", 10, "--batch-size", 4,
+             "--eval-episodes", 1, "--max-episode-frames", 400, "--no-cuda"]
+    result = run_main(script, *flags, "--cudagraphs", "--compile", "--run-name", "g", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("warning: --cudagraphs needs the replay in GPU memory, --compile a GPU; ignored") == 1
+    assert "CUDA graph" not in result.stdout and finished_counts(tmp_path / "runs/g")["updates"] == 2
 
 
 # ---------------------------------------------------------------- CUDA (skipped where no GPU is present)
@@ -630,7 +633,7 @@ def test_cuda_graphed_updates_equal_eager_updates(dqn, monkeypatch):
     for graphs in (False, True):
         rb = random_replay(dqn, cuda)
         torch.manual_seed(0)
-        run = dqn.RunState(run_args(dqn), 4, cuda)
+        run = dqn.RunState(run_args(dqn), 4, cuda, rb, graphs)
         learn, stats = learner(dqn, run, rb, graphs), []
         for i in range(50):
             torch.cuda.manual_seed(i)
@@ -648,8 +651,9 @@ def test_cuda_graphed_updates_equal_eager_updates(dqn, monkeypatch):
 def test_cuda_graphed_update_never_syncs_with_the_host(dqn):
     cuda = torch.device("cuda")
     rb = random_replay(dqn, cuda)
-    learn = learner(dqn, dqn.RunState(run_args(dqn), 4, cuda), rb, graphs=True)
-    learn()  # the capture
+    learn = learner(dqn, dqn.RunState(run_args(dqn), 4, cuda, rb, True), rb, graphs=True)
+    for _ in range(dqn.WARM_UPS + 1):  # the warm-ups, then the capture
+        learn()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:

@@ -91,10 +91,12 @@ def earlier_checkpoint(tmp_path, script, replay_rows: bool = False):
     """A checkpoint as an earlier version wrote it: no last_eval and eval_due (written before summary.json), or with
     replay_rows=True, a replay buffer of float32 rows (before its fields were named and typed). No shim reads either."""
     path, module = tmp_path / "earlier.pt", load_script(script)
-    args, cpu = module.Args(cuda=False), torch.device("cpu")
-    run = module.RunState(args, 4, 2, cpu) if script == "dqn_cartpole" else module.RunState(args, 4, cpu)
-    state = {"env_id": ENV[script], "n_actions": 2 if script == "dqn_cartpole" else 4, "run_name": "earlier",
-             **run.state_dict(), "replay_buffer": None}
+    args, cpu = module.Args(cuda=False, buffer_size=1000, run_name="earlier"), torch.device("cpu")
+    if script == "dqn_cartpole":
+        run = module.RunState(args, 4, 2, cpu, module.ReplayBuffer(1000, 4, cpu, 0.99))
+    else:
+        run = module.RunState(args, 4, cpu, module.ReplayBuffer(1000, 8, cpu, cpu, 0.99))
+    state = {**run.state_dict(), "replay_buffer": None}
     if replay_rows:
         state["replay_buffer"] = {"frames": torch.zeros(8, 125, 84, 84, dtype=torch.uint8),
                                   "rows": torch.zeros(8, 125, 4), "pos": 0, "count": 0}
@@ -120,8 +122,10 @@ COMMON_BAD = [
     (["--eval-frequency", "-1"], "--eval-frequency must be >= 0"),
     (["--checkpoint-frequency", "-1"], "--checkpoint-frequency must be >= 0"),
     (["--learning-rate", "0"], "--learning-rate must be positive"),
-    (["--learning-rate", "inf"], "--learning-rate must be a finite number, got inf"),
-    (["--gamma", "nan"], "--gamma must be a finite number, got nan"),
+    (["--learning-rate", "inf"], "--learning-rate must be positive and finite, got inf"),
+    (["--learning-rate", "nan"], "--learning-rate must be positive and finite, got nan"),
+    (["--gamma", "nan"], "--gamma must be in [0, 1], got nan"),
+    (["--tau", "nan"], "--tau must be in (0, 1], got nan"),
     (["--seed", "-1"], "--seed must be in [0, 2^32)"),
     (["--seed", str(2**32)], "--seed must be in [0, 2^32)"),
     (["--learning-starts", "100", "--total-timesteps", "100"], "--learning-starts (100) must be < --total-timesteps"),
@@ -143,10 +147,10 @@ COMMON_BAD = [
     (["--play", malicious_checkpoint], "cannot load"),
     (["--resume", other_game_checkpoint], "was trained on"),
     (["--play", other_game_checkpoint], "was trained on"),
-    (["--resume", foreign_network_checkpoint], "holds another network"),
+    (["--resume", foreign_network_checkpoint], "is not a checkpoint of this script/flags (RuntimeError: Error(s) in"),
     (["--resume", saved_model], "is a saved model, not a checkpoint"),
     (["--resume", bare_model], "is a saved model, not a checkpoint"),
-    (["--resume", earlier_checkpoint], "is not a complete checkpoint of this script (KeyError: 'last_eval')"),
+    (["--resume", earlier_checkpoint], "is not a checkpoint of this script/flags (KeyError: 'last_eval')"),
 ]
 SCRIPT_BAD = {
     "dqn_cartpole": [
@@ -166,7 +170,7 @@ SCRIPT_BAD = {
         (["--eval-episodes", "100000"], "the largest --eval-episodes that fits is"),
         (["--play", "missing.pt", "--eval-episodes", "100000"], "the largest --eval-episodes that fits is"),
         (["--resume", earlier_replay_checkpoint, "--buffer-size", "1000"],
-         "the checkpoint's replay buffer lacks fields of this script's"),
+         "is not a checkpoint of this script/flags (KeyError: 'actions')"),
     ],
 }
 SCRIPT_BAD["dqn_atari_dueling_per"] = SCRIPT_BAD["dqn_atari"] + [
@@ -215,7 +219,7 @@ def test_unwritable_run_directory(script, tmp_path, monkeypatch, capsys):
     (tmp_path / "runs").write_text("a file where the runs directory should be")
     dqn = load_script(script)
     with pytest.raises(SystemExit) as exit_info:
-        dqn.main(dqn.Args(run_name="x", cuda=False))
+        dqn.main(dqn.Args(run_name="x", cuda=False, buffer_size=1000))  # the replay is allocated first
     assert exit_info.value.code == 2
     assert "cannot write the run directory 'runs/x'" in capsys.readouterr().err
     assert (tmp_path / "runs").read_text() == "a file where the runs directory should be"
@@ -244,7 +248,9 @@ def test_two_processes_cannot_share_a_run_folder(script, tmp_path):
     first = run_script(script, *FAST[script], "--checkpoint-frequency", 0, "--total-timesteps", 10**6,
                        "--run-name", "one", cwd=tmp_path, wait=False)
     lock = tmp_path / "runs/one/lock"
-    wait_until(lambda: lock.exists() and lock.read_text().strip() == str(first.pid), first)
+    events = lambda: glob.glob(str(tmp_path / "runs/one/events.out.tfevents*"))  # noqa: E731
+    wait_until(lambda: lock.exists() and lock.read_text().strip() == str(first.pid) and events(), first)
+    time.sleep(1)  # into its loop, where SIGTERM stops it cleanly (before, the default action kills it)
     second = run_main(script, *FAST[script], "--total-timesteps", 400, "--run-name", "one", cwd=tmp_path)
     first.send_signal(signal.SIGTERM)
     first.communicate(timeout=120)
@@ -288,8 +294,8 @@ def test_non_finite_weights_are_never_written(script, tmp_path, monkeypatch, cap
     # checkpoint.pt, best_model.pt or the CleanRL model file
     monkeypatch.chdir(tmp_path)
     dqn = load_script(script)
-    monkeypatch.setattr(dqn, "make_optimizer", lambda q_network, args: torch.optim.SGD(q_network.parameters(),
-                                                                                         lr=float("inf")))
+    monkeypatch.setattr(dqn, "make_optimizer", lambda q_network, args, **_: torch.optim.SGD(q_network.parameters(),
+                                                                                              lr=float("inf")))
     args = tyro.cli(dqn.Args, args=[str(f) for f in FAST[script]] + ["--total-timesteps", "260", "--run-name", "inf",
                                                                         "--save-model", "--no-cuda"])
     with pytest.raises(SystemExit) as exit_info:
@@ -313,29 +319,8 @@ def test_a_signal_while_the_envs_are_built_ends_the_process_at_once(tmp_path):
     started = time.time()
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGTERM and time.time() - started < 2.0
-    assert not (tmp_path / "runs").exists()  # nothing left behind
-
-
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_second_signal_kills_at_once_inside_a_long_cpp_call(tmp_path, signum):
-    # armed as in training: the first signal's Python handler cannot run until ale-py returns; the second must kill
-    child = ("import importlib.util, sys\n"
-             f"spec = importlib.util.spec_from_file_location('m', {str(ROOT / 'dqn_atari.py')!r})\n"
-             "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
-             "with m.StopOnSignal() as stop:\n"
-             "    stop.arm(on_crash=print)\n"
-             "    print('armed', flush=True)\n"
-             "    m.make_env('breakout', 96, 0.0, 108000, train=True)\n"
-             "    print('built', flush=True)\n")
-    proc = subprocess.Popen([sys.executable, "-c", child], cwd=tmp_path, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "armed"
-    time.sleep(0.5)
-    proc.send_signal(signum)
-    time.sleep(0.2)
-    proc.send_signal(signum)
-    started = time.time()
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == -signum and time.time() - started < 2.0 and "built" not in out
+    # nothing a later run of the name trips over: the folder holds at most the lock of a process that is gone
+    assert {p.name for p in (tmp_path / "runs/b").iterdir()} <= {"lock"}
 
 
 # ---------------------------------------------------------------- checkpoints and faults

@@ -18,7 +18,7 @@ import re
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Callable, NamedTuple, NoReturn, Optional
 
 import ale_py
@@ -320,7 +320,7 @@ class RunState:
                 "n_target_syncs": self.n_target_syncs}
 
     def state_dict(self) -> dict:
-        return {**self.learner_state(), "env_id": self.args.env_id, "n_actions": self.n_actions,
+        return {**self.learner_state(), "script": SCRIPT, "env_id": self.args.env_id, "n_actions": self.n_actions,
                 "hidden_sizes": list(self.args.hidden_sizes), "run_name": self.args.run_name,
                 "args": asdict(self.args), "best_eval": self.best_eval, "last_eval": self.last_eval,
                 "eval_due": self.eval_due, "numpy_rng": self.rng.bit_generator.state,
@@ -330,6 +330,7 @@ class RunState:
         self.q_network.load_state_dict(state["model"])
         self.target_network.load_state_dict(state["target_model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.param_groups[0]["lr"] = self.args.learning_rate  # this run's flags
         self.global_step, self.n_updates = state["global_step"], state["n_updates"]
         self.n_target_syncs, self.best_eval = state["n_target_syncs"], state["best_eval"]
         self.last_eval, self.eval_due = state["last_eval"], state["eval_due"]
@@ -348,15 +349,17 @@ class RunState:
 
 
 def main(args: Args) -> None:
+    checkpoint = load_checkpoint(args.resume) if args.resume else None
+    args = resume_args(args, checkpoint) if checkpoint else args  # a resumed run goes on with its checkpoint's flags
     validate_args(args)
     obs_dim, n_actions = check_env(args.env_id)
-    checkpoint = load_checkpoint(args.resume, args.env_id, n_actions) if args.resume else None
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if args.cuda and device.type == "cpu":
         print("warning: --cuda is on (the default) but CUDA is not available; running on the CPU (--no-cuda "
               "silences this)", file=sys.stderr)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
+    check_memory(args, obs_dim, n_actions, device)
     if args.play:
         return play(args, obs_dim, n_actions, device)
 
@@ -411,9 +414,9 @@ def main(args: Args) -> None:
                 run.last_eval, run.eval_due = float(returns.mean()), False
                 if run.last_eval > run.best_eval:
                     run.best_eval = run.last_eval
-                    save_checkpoint(f"{run_dir}/best_model.pt", {"env_id": args.env_id, "n_actions": n_actions,
-                                    "hidden_sizes": list(args.hidden_sizes), "model": run.q_network.state_dict(),
-                                    "global_step": run.global_step})
+                    save_checkpoint(f"{run_dir}/best_model.pt", {"script": SCRIPT, "env_id": args.env_id,
+                                    "n_actions": n_actions, "hidden_sizes": list(args.hidden_sizes),
+                                    "model": run.q_network.state_dict(), "global_step": run.global_step})
                 if args.goal_score is not None and returns.mean() >= args.goal_score:
                     run.goal_reached_step, run.goal_reached_s = run.global_step, time.time() - run.start_time
                     print(f"goal reached: eval mean {returns.mean():.2f} >= {args.goal_score} at step "
@@ -482,6 +485,9 @@ def main(args: Args) -> None:
                       f"{recent} | eps {epsilon:.3f}   ", end="", file=sys.stderr, flush=True)
     except Exception as error:  # a crash still leaves a checkpoint and summary.json; the traceback follows
         end_run(run, writer, f"error: {type(error).__name__}: {error}")
+        if isinstance(error, OSError):  # a write that failed (a full disk, say) is one line, not a traceback
+            print(f"error: {error}", file=sys.stderr)
+            raise SystemExit(1) from None
         raise
     finally:
         envs.close()
@@ -492,10 +498,17 @@ def main(args: Args) -> None:
 
 
 # =====================================================================================================================
-# Plumbing: what keeps a run safe, not the algorithm. Input checks, the run folder, checkpoints, the one end of every
-# run (summary.json, exit codes), signals, --play, video.
+# Plumbing: what keeps a run safe, not the algorithm. Input checks, resumed flags, memory, the run folder,
+# checkpoints, the one end of every run (summary.json, exit codes), signals, --play, video.
 # =====================================================================================================================
+HEADROOM = 2**29  # batches, the CUDA context and the rest of the process
+ENV_BYTES = 32 * 2**10  # host RAM of one classic-control env in a SyncVectorEnv (6 KB measured for CartPole-v1)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+SCRIPT = os.path.basename(__file__)
+# the flags a resumed run may change (anything else would change what its checkpoint means)
+SAFE_ON_RESUME = ("learning_rate total_timesteps eval_frequency eval_episodes eval_epsilon checkpoint_frequency track "
+                  "wandb_project_name wandb_entity wandb_group capture_video save_model exp_name run_name cuda "
+                  "goal_score resume play").split()
 
 
 def fail(message: str) -> NoReturn:
@@ -505,8 +518,9 @@ def fail(message: str) -> NoReturn:
 
 
 def validate_args(args: Args) -> None:
-    """Bad flags fail here, before anything is built or written; NaN fails every comparison, so every rule."""
-    rules = [("positive", lambda v: v > 0, "total_timesteps num_envs buffer_size batch_size train_frequency "
+    """Bad flags fail here, before anything is built or written (NaN fails every rule); poor ones get a warning."""
+    rules = [("below 2^53", lambda v: v < 2**53, " ".join(f.name for f in fields(Args) if f.type is int)),
+             ("positive", lambda v: v > 0, "total_timesteps num_envs buffer_size batch_size train_frequency "
               "eval_episodes target_network_frequency"),
              ("positive and finite", lambda v: 0 < v < float("inf"), "learning_rate"),
              (">= 0", lambda v: v >= 0, "learning_starts eval_frequency checkpoint_frequency"),
@@ -516,23 +530,80 @@ def validate_args(args: Args) -> None:
     for rule, ok, names in rules:
         for name in (name for name in names.split() if not ok(getattr(args, name))):
             fail(f"--{name.replace('_', '-')} must be {rule}, got {getattr(args, name)}")
-    if not args.hidden_sizes or min(args.hidden_sizes) <= 0:
+    for flag, name in [("--exp-name", args.exp_name), ("--run-name", args.run_name)]:
+        if name is not None and not (re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=+-]{0,99}", name) and ".." not in name):
+            fail(f"{flag} {name!r} must be a plain name of at most 100 letters, digits and . _ = + -")
+    if not args.hidden_sizes or min(args.hidden_sizes) <= 0 or max(args.hidden_sizes) >= 2**31:
         fail(f"--hidden-sizes must be one or more positive layer widths, got {args.hidden_sizes}")
     if args.buffer_size < max(args.batch_size, args.num_envs):
         fail(f"--buffer-size ({args.buffer_size}) must be >= --batch-size ({args.batch_size}) and --num-envs")
-    if args.learning_starts >= args.total_timesteps and not args.play:
+    if args.play:
+        return
+    if args.learning_starts >= args.total_timesteps:
         fail(f"--learning-starts ({args.learning_starts}) must be < --total-timesteps ({args.total_timesteps})")
-    for flag, name in [("--exp-name", args.exp_name), ("--run-name", args.run_name)]:
-        if name is not None and (not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=+-]*", name) or ".." in name):
-            fail(f"{flag} {name!r} must be a plain name (letters, digits, . _ = + -)")
+    if args.total_timesteps // args.train_frequency == args.learning_starts // args.train_frequency:
+        fail(f"--train-frequency {args.train_frequency} leaves no update between --learning-starts "
+             f"{args.learning_starts} and --total-timesteps {args.total_timesteps}; lower it")
+    for poor, why in [(args.target_network_frequency > args.total_timesteps, "--target-network-frequency is above "
+                       "--total-timesteps: the target network is never synced"),
+                      (args.num_envs > args.total_timesteps, "--num-envs is above --total-timesteps: the run "
+                       "overshoots to --num-envs steps"),
+                      (args.batch_size > args.learning_starts, "--batch-size is above --learning-starts: the first "
+                       "batches repeat the few transitions stored")]:
+        if poor:
+            print(f"warning: {why}", file=sys.stderr)
+
+
+def resume_args(args: Args, checkpoint: dict) -> Args:
+    """A resumed run goes on with its checkpoint's flags. A flag given here (not at its default) that differs is
+    applied if SAFE_ON_RESUME lists it, with one notice line, and fails otherwise, naming both values."""
+    try:
+        saved = Args(**checkpoint["args"])
+    except (KeyError, TypeError) as error:
+        fail(f"{args.resume!r} is not a checkpoint of this script/flags ({type(error).__name__}: {error})")
+    safe = SAFE_ON_RESUME + ["buffer_size"] * (checkpoint.get("replay_buffer") is None)  # an empty buffer refills
+    default = Args()
+    changed = {name: value for name, value in asdict(args).items()
+               if value != getattr(saved, name) and value != getattr(default, name)}
+    for name, value in changed.items():
+        flag = "--" + name.replace("_", "-")
+        if name not in safe or (name == "total_timesteps" and value < checkpoint["global_step"]):
+            fail(f"{flag} {value} would change what {args.resume!r} holds (it ran with {flag} {getattr(saved, name)}"
+                 f", to step {checkpoint['global_step']}); resume with its value or start a new run")
+    notice = [f"--{k.replace('_', '-')} {getattr(saved, k)} -> {v}" for k, v in changed.items() if k != "resume"]
+    if notice:
+        print(f"resuming with changed flags: {', '.join(notice)}")
+    return replace(saved, **{**changed, "resume": args.resume, "play": None})
+
+
+def check_memory(args: Args, obs_dim: int, n_actions: int, device: torch.device) -> None:
+    """Fails early when the replay, the networks (two, with gradients and Adam's two moments) and the envs do not fit
+    in free memory, naming the flag that takes the most, before the allocator or the evaluation fails on them."""
+    widths = [obs_dim, *args.hidden_sizes, n_actions]
+    parts = {"--buffer-size": 0 if args.play else args.buffer_size * (2 * obs_dim * 4 + 8 + 4 + 1),
+             "--hidden-sizes": 5 * 4 * sum((a + 1) * b for a, b in zip(widths, widths[1:])),
+             "--eval-episodes": (args.eval_episodes + args.num_envs) * ENV_BYTES}
+    with open("/proc/meminfo") as f:  # MemAvailable: what the OS can give without swapping
+        free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable")) - HEADROOM
+    if device.type == "cuda":  # the replay and the networks live in GPU memory
+        free = min(free + parts["--buffer-size"] + parts["--hidden-sizes"], torch.cuda.mem_get_info(device)[0])
+    if sum(parts.values()) > free:
+        largest = max(parts, key=parts.get)
+        fail(f"--buffer-size {args.buffer_size}, --hidden-sizes {' '.join(map(str, args.hidden_sizes))} and "
+             f"--eval-episodes {args.eval_episodes} need {sum(parts.values()) / 1e9:.1f} GB but only "
+             f"{max(free, 0) / 1e9:.1f} GB is free; {largest} takes {parts[largest] / 1e9:.1f} GB of it: lower it")
 
 
 def open_run_dir(args: Args, checkpoint: Optional[dict]):
     """Creates runs/{run_name} and its lock (flock, with our pid inside: held while the file is open, released by the
-    kernel however the process ends). A new run never takes a folder that holds a checkpoint."""
-    args.run_name = args.run_name or (checkpoint or {}).get("run_name") or (
-        f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    kernel however the process ends). A run never takes a folder that holds another run's checkpoint."""
+    args.run_name = args.run_name or f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{time.time():.0f}"
     run_dir = os.path.join("runs", args.run_name)
+    if args.track and os.environ.get("WANDB_MODE") not in ("offline", "disabled", "dryrun"):
+        import wandb
+
+        if not wandb.login(prompt=False, verify=False):
+            fail("--track needs a W&B login: run `wandb login`, or set WANDB_MODE=offline to sync later")
     try:
         os.makedirs(run_dir, exist_ok=True)
         lock = open(f"{run_dir}/lock", "a+")
@@ -544,9 +615,9 @@ def open_run_dir(args: Args, checkpoint: Optional[dict]):
         lock.seek(0)
         fail(f"{run_dir} is in use by process {lock.read().strip() or '?'} (it holds {run_dir}/lock); wait for it "
              "to end or pass another --run-name")
-    if checkpoint is None and os.path.exists(f"{run_dir}/checkpoint.pt"):
-        fail(f"{run_dir} already holds a run; continue it with --resume {run_dir}/checkpoint.pt or pass another "
-             "--run-name")
+    own = f"{run_dir}/checkpoint.pt"
+    if os.path.exists(own) and not (checkpoint and os.path.samefile(args.resume, own)):
+        fail(f"{run_dir} already holds a run; continue it with --resume {own} or pass another --run-name")
     lock.truncate(0)
     print(os.getpid(), file=lock, flush=True)
     for stale in glob.glob(f"{run_dir}/*.tmp*"):  # left by a process killed while writing a checkpoint
@@ -568,24 +639,22 @@ def save_checkpoint(path: str, state: dict, dump: Callable = torch.save) -> None
             os.remove(tmp)
 
 
-def load_checkpoint(path: str, env_id: str, n_actions: int, play: bool = False) -> dict:
-    """Loads with weights_only=True (no code runs from the file). --resume needs a checkpoint; --play takes a model
-    too: ours, or a bare q_network.state_dict() as CleanRL saves (.cleanrl_model) and publishes (q_network.pth)."""
+def load_checkpoint(path: str, play: bool = False) -> dict:
+    """Loads with weights_only=True (no code runs from the file). --resume needs a checkpoint of this script; --play
+    takes a model too: ours, or a bare q_network.state_dict() as CleanRL saves (.cleanrl_model) and publishes them."""
     if not os.path.isfile(path):
-        fail(f"{path!r} does not exist")
+        fail(f"{path!r} is a directory; pass the checkpoint.pt or model file in it" if os.path.isdir(path) else
+             f"{path!r} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         fail(f"cannot load {path!r}: corrupt, not a checkpoint, or holding more than weights, which weights_only "
              f"loading refuses ({type(error).__name__})")
     model = state.get("model", state) if isinstance(state, dict) else None
-    weights = [v for k, v in model.items() if k.endswith(".weight")] if isinstance(model, dict) else []
-    if not weights and "env_id" not in state:
-        fail(f"{path!r} is not a checkpoint or model of {os.path.basename(__file__)}")
-    trained = state.get("env_id", "an unnamed game"), state.get("n_actions", weights and len(weights[-1]))
-    if "env_id" in state and trained[0] != env_id or trained[1] != n_actions:
-        fail(f"{path!r} was trained on {trained[0]} ({trained[1]} actions), not {env_id} ({n_actions} actions); pass "
-             "the --env-id it was trained on")
+    if not isinstance(model, dict) or not (any(k.endswith(".weight") for k in model) or "env_id" in state):
+        fail(f"{path!r} is not a model or checkpoint of {SCRIPT}")
+    if state.get("script", SCRIPT) != SCRIPT:
+        fail(f"{path!r} was written by {state['script']}, not {SCRIPT}; resume or play it with that script")
     if not play and "optimizer" not in state:
         fail(f"{path!r} is a saved model, not a checkpoint; use --play to evaluate it")
     return state
@@ -593,32 +662,42 @@ def load_checkpoint(path: str, env_id: str, n_actions: int, play: bool = False) 
 
 def end_run(run: RunState, writer: SummaryWriter, reason: str, signum: Optional[int] = None) -> None:
     """The one end of every run: the final checkpoint (never a non-finite learner: its last finite state instead),
-    CleanRL's model file, summary.json. Exits 1 after a non-finite learner, 128 + n after signal n."""
-    args, run_dir = run.args, f"runs/{run.args.run_name}"
+    CleanRL's model file, summary.json. Exits 1 after a non-finite learner or a failed write, 128 + n after signal n."""
+    args, run_dir, write_error = run.args, f"runs/{run.args.run_name}", None
     if not reason.startswith("non-finite") and not run.finite():  # sync point: weights gone bad between two checks
         reason = f"non-finite weights at step {run.global_step}"
     non_finite = reason.startswith("non-finite")
     state = {**run.state_dict(), **(run.last_finite if non_finite else {})}
-    save_checkpoint(f"{run_dir}/checkpoint.pt", state)
-    if args.save_model and not non_finite:  # as CleanRL writes it: a bare q_network.state_dict() for its dqn_eval
-        save_checkpoint(f"{run_dir}/{args.exp_name}.cleanrl_model", run.q_network.state_dict())
-        print(f"model saved to {run_dir}/{args.exp_name}.cleanrl_model")
+    try:
+        save_checkpoint(f"{run_dir}/checkpoint.pt", state)
+        if args.save_model and not non_finite:  # as CleanRL writes it: a bare q_network.state_dict() for its dqn_eval
+            save_checkpoint(f"{run_dir}/{args.exp_name}.cleanrl_model", run.q_network.state_dict())
+            print(f"model saved to {run_dir}/{args.exp_name}.cleanrl_model")
+    except OSError as error:  # a full disk, say: the previous checkpoint stays, and the run ends here
+        write_error = f"cannot write {run_dir}: {error.strerror or error}"
+        reason = f"error: {write_error}"
     writer.close()
     steps, training_s = run.global_step - run.start_step, time.time() - run.start_time - run.eval_seconds
-    summary = {"run_name": args.run_name, "script": os.path.basename(__file__), "env_id": args.env_id,
-               "stop_reason": reason, "env_steps": run.global_step, "gradient_updates": run.n_updates,
-               "target_syncs": run.n_target_syncs, "env_steps_this_process": steps,
-               "wall_s": time.time() - run.start_time, "training_sps": steps / max(training_s, 1e-9),
+    summary = {"run_name": args.run_name, "script": SCRIPT, "env_id": args.env_id, "stop_reason": reason,
+               "env_steps": run.global_step, "gradient_updates": run.n_updates, "target_syncs": run.n_target_syncs,
+               "env_steps_this_process": steps, "wall_s": time.time() - run.start_time,
+               "training_sps": steps / max(training_s, 1e-9),
                "best_eval_return": run.best_eval if run.best_eval > -float("inf") else None,
                "final_eval_return": run.last_eval, "checkpoint": f"{run_dir}/checkpoint.pt",
-               "checkpoint_step": state["global_step"], "resumed_from": args.resume, "args": asdict(args),
-               # --goal-score: the step and the seconds (wall_s's clock, as the printed line) it was reached at
-               "goal_score": args.goal_score, "goal_reached_step": run.goal_reached_step,
-               "goal_reached_s": run.goal_reached_s}
-    save_checkpoint(f"{run_dir}/summary.json", summary, dump=lambda obj, f: f.write(json.dumps(obj, indent=1).encode()))
+               "checkpoint_step": None if write_error else state["global_step"], "resumed_from": args.resume,
+               "args": asdict(args), "goal_score": args.goal_score, "goal_reached_step": run.goal_reached_step,
+               "goal_reached_s": run.goal_reached_s}  # --goal-score: the step and wall_s when it was reached
+    try:
+        save_checkpoint(f"{run_dir}/summary.json", summary, lambda obj, f: f.write(json.dumps(obj, indent=1).encode()))
+    except OSError as error:
+        write_error = write_error or f"cannot write {run_dir}/summary.json: {error.strerror or error}"
     print("\n" * sys.stderr.isatty() + f"finished {args.run_name}: {run.global_step} steps, {run.n_updates} gradient "
           f"updates, {run.n_target_syncs} target syncs in {summary['wall_s']:.1f}s; best eval return "
           f"{run.best_eval:.2f}")
+    if write_error:
+        print(f"error: {write_error}; {run_dir}/checkpoint.pt keeps the last checkpoint written, if any",
+              file=sys.stderr)
+        raise SystemExit(1)
     if non_finite:
         print(f"error: {reason.replace('non-finite loss at', 'non-finite TD loss or Q-values at env')}; the last good "
               f"state (step {state['global_step']}) is saved in {run_dir}/checkpoint.pt; lower --learning-rate or "
@@ -640,11 +719,18 @@ def on_signal(signum: int, stop: list) -> None:
 
 def play(args: Args, obs_dim: int, n_actions: int, device: torch.device) -> None:
     """--play: evaluate a saved model (ours, a checkpoint, or a bare state_dict as CleanRL saves and publishes)."""
-    state = load_checkpoint(args.play, args.env_id, n_actions, play=True)
-    widths = [len(v) for k, v in state.get("model", state).items() if k.endswith(".weight")][:-1]  # a bare MLP's
-    q_network = make_network(obs_dim, n_actions, tuple(state.get("hidden_sizes", widths)), device)
+    state = load_checkpoint(args.play, play=True)
+    model, trained_on = state.get("model", state), state.get("env_id")
+    widths = [len(v) for k, v in model.items() if k.endswith(".weight")]  # a bare MLP's: hidden layers, then actions
+    actions = state.get("n_actions") or widths[-1]
+    if actions != n_actions or trained_on not in (None, args.env_id):
+        fail(f"{args.play!r} was trained on {trained_on or 'an unnamed env'} ({actions} actions), not {args.env_id} "
+             f"({n_actions} actions); pass the --env-id it was trained on")
+    if trained_on is None:
+        print(f"note: {args.play!r} names no env: its score means something only on the env it was trained on")
+    q_network = make_network(obs_dim, n_actions, tuple(state.get("hidden_sizes", widths[:-1])), device)
     try:
-        q_network.load_state_dict(state.get("model", state))
+        q_network.load_state_dict(model)
     except RuntimeError as error:
         fail(f"{args.play!r} holds another network ({error}); use the script it was trained with")
     video = f"videos/play__{args.env_id.replace('/', '-')}__{args.seed}.mp4" if args.capture_video else None

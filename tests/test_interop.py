@@ -112,7 +112,7 @@ def test_play_refuses_a_state_dict_for_another_action_count_in_one_line(script, 
         play_in_process(script, path, monkeypatch, **env)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "was trained on an unnamed game" in err and "pass the --env-id it was" in err
+    assert err.count("\n") == 1 and "was trained on an unnamed" in err and "pass the --env-id it was" in err
 
 
 def test_play_refuses_a_state_dict_of_another_network_in_one_line(tmp_path, monkeypatch, capsys):

@@ -2,6 +2,7 @@
 kills during checkpoint writes, clean SIGINT/SIGTERM stops, non-finite losses, untrusted checkpoints, run paths,
 determinism, and resumed runs keeping the schedules of uninterrupted ones."""
 
+import dataclasses
 import glob
 import os
 import signal
@@ -35,11 +36,29 @@ def script(request):
 
 
 # ---------------------------------------------------------------- bad input
+def saved_args(script, **flags) -> dict:
+    """The flags a checkpoint records (a resumed run goes on with them)."""
+    return dataclasses.asdict(load_script(script).Args(**flags))
+
+
 def other_game_checkpoint(tmp_path, script):
     path = tmp_path / "other.pt"
     env_id = "PongNoFrameskip-v4" if script in ATARI else "Acrobot-v1"
-    torch.save({"env_id": env_id, "n_actions": 6 if script in ATARI else 3, "model": {}, "optimizer": {}}, path)
+    torch.save({"env_id": env_id, "n_actions": 6 if script in ATARI else 3, "model": {}, "optimizer": {},
+                "args": saved_args(script, env_id=env_id), "global_step": 0}, path)
     return path
+
+
+def other_script_checkpoint(tmp_path, script):
+    path = tmp_path / "other_script.pt"
+    other = "dqn_atari.py" if script == "dqn_cartpole" else "dqn_cartpole.py"
+    torch.save({"script": other, "env_id": ENV[script], "n_actions": 2, "model": {}, "optimizer": {}}, path)
+    return path
+
+
+def a_directory(tmp_path, script):
+    (tmp_path / "runs_copy").mkdir(exist_ok=True)
+    return tmp_path / "runs_copy"
 
 
 def foreign_network_checkpoint(tmp_path, script):
@@ -51,7 +70,7 @@ def foreign_network_checkpoint(tmp_path, script):
         other = load_script("dqn_atari" if script == "dqn_atari_dueling_per" else "dqn_atari_dueling_per")
         model = other.QNetwork(4).state_dict()
     torch.save({"env_id": ENV[script], "n_actions": 2 if script == "dqn_cartpole" else 4, "model": model,
-                "optimizer": {}}, path)
+                "optimizer": {}, "args": saved_args(script), "global_step": 0}, path)
     return path
 
 
@@ -96,7 +115,7 @@ def earlier_checkpoint(tmp_path, script, replay_rows: bool = False):
         run = module.RunState(args, 4, 2, cpu, module.ReplayBuffer(1000, 4, cpu, 0.99))
     else:
         run = module.RunState(args, 4, cpu, module.ReplayBuffer(1000, 8, cpu, cpu, 0.99))
-    state = {**run.state_dict(), "replay_buffer": None}
+    state = {**run.state_dict(), "replay_buffer": None, "global_step": 500}
     if replay_rows:
         state["replay_buffer"] = {"frames": torch.zeros(8, 125, 84, 84, dtype=torch.uint8),
                                   "rows": torch.zeros(8, 125, 4), "pos": 0, "count": 0}
@@ -145,7 +164,19 @@ COMMON_BAD = [
     (["--resume", corrupt_checkpoint], "cannot load"),
     (["--resume", malicious_checkpoint], "cannot load"),
     (["--play", malicious_checkpoint], "cannot load"),
-    (["--resume", other_game_checkpoint], "was trained on"),
+    (["--resume", other_game_checkpoint, "--env-id", "ALE/Breakout-v5"], "would change what"),
+    (["--resume", earlier_checkpoint, "--gamma", "0.9"], "--gamma 0.9 would change what"),
+    (["--resume", earlier_checkpoint, "--num-envs", "3"], "--num-envs 3 would change what"),
+    (["--resume", earlier_checkpoint, "--seed", "7"], "--seed 7 would change what"),
+    (["--resume", earlier_checkpoint, "--total-timesteps", "100"], "(it ran with --total-timesteps"),
+    (["--resume", other_script_checkpoint], "; resume or play it with that script"),
+    (["--resume", a_directory], "is a directory; pass the checkpoint.pt or model file in it"),
+    (["--play", a_directory], "is a directory; pass the checkpoint.pt or model file in it"),
+    (["--run-name", "r" * 300], "must be a plain name of at most 100"),
+    (["--exp-name", "e" * 101], "must be a plain name of at most 100"),
+    (["--total-timesteps", str(10**400)], "--total-timesteps must be below 2^53"),
+    (["--buffer-size", str(10**400)], "--buffer-size must be below 2^53"),
+    (["--learning-starts", "500", "--total-timesteps", "900", "--train-frequency", "1000"], "leaves no update"),
     (["--play", other_game_checkpoint], "was trained on"),
     (["--resume", foreign_network_checkpoint], "is not a checkpoint of this script/flags (RuntimeError: Error(s) in"),
     (["--resume", saved_model], "is a saved model, not a checkpoint"),
@@ -159,6 +190,10 @@ SCRIPT_BAD = {
         (["--env-id", "Pendulum-v1"], "needs Discrete actions"),
         (["--env-id", "ALE/Pong-v5"], "needs a flat Box"),
         (["--hidden-sizes", "64", "0"], "--hidden-sizes must be one or more positive"),
+        (["--buffer-size", "10000000000"], "--buffer-size takes"),
+        (["--hidden-sizes", "100000", "100000"], "--hidden-sizes takes"),
+        (["--eval-episodes", "10000000"], "--eval-episodes takes"),
+        (["--play", "missing.pt", "--eval-episodes", "10000000"], "--eval-episodes takes"),
     ],
     "dqn_atari": [
         (["--env-id", "BreakotNoFrameskip-v4"], "close matches: BreakoutNoFrameskip-v4"),
@@ -169,6 +204,8 @@ SCRIPT_BAD = {
         (["--num-envs", "100000"], "the largest --num-envs that fits beside --eval-episodes 10 is"),
         (["--eval-episodes", "100000"], "the largest --eval-episodes that fits is"),
         (["--play", "missing.pt", "--eval-episodes", "100000"], "the largest --eval-episodes that fits is"),
+        (["--resume", earlier_replay_checkpoint, "--buffer-size", "5000"],
+         "--buffer-size 5000 would change what"),
         (["--resume", earlier_replay_checkpoint, "--buffer-size", "1000"],
          "is not a checkpoint of this script/flags (KeyError: 'actions')"),
     ],

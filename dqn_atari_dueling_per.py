@@ -994,10 +994,10 @@ def end_run(run: RunState, writer: SummaryWriter, reason: str, signum: Optional[
         if args.save_model and not non_finite:  # as CleanRL writes it: a bare q_network.state_dict() for its dqn_eval
             save_checkpoint(f"{run_dir}/{args.exp_name}.cleanrl_model", run.q_network.state_dict())
             print(f"model saved to {run_dir}/{args.exp_name}.cleanrl_model")
+        writer.close()  # flushes the TensorBoard events
     except OSError as error:  # a full disk, say: the previous checkpoint stays, and the run ends here
         write_error = f"cannot write {run_dir}: {error.strerror or error}"
         reason = f"error: {write_error}"
-    writer.close()
     steps, training_s = run.global_step - run.start_step, time.time() - run.start_time - run.eval_seconds
     summary = {"run_name": args.run_name, "script": SCRIPT, "env_id": args.env_id, "stop_reason": reason,
                "env_steps": run.global_step, "gradient_updates": run.n_updates, "target_syncs": run.n_target_syncs,

@@ -3,6 +3,7 @@ a random policy and SB3's DQN; results/atari_short.json is the record (protocol 
 
 import json
 import sys
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,6 @@ import tyro
 from benchmarks.common import (PROTOCOL, RESULTS_DIR, ScalarPoint, describe_machine, format_table, in_fresh_process,
                                iqm_ci, load_script, read_json, read_scalars, sps_from_points, write_json)
 from benchmarks.grid import GRID_ROOT, Cell, GridPaths, GridSpec, Runner, expand_grid, load_or_create_spec, run_cells
-from benchmarks.measure import SB3_AS_DQN_ATARI, sb3_run
 from benchmarks.plot import EVAL_TAG, TRAIN_TAG, RunData, game_of, plot_env
 
 PLAN: dict[str, dict[str, tuple[int, ...]]] = {  # env id -> script -> seeds
@@ -34,13 +34,74 @@ GRID_SUFFIX = "_after_issue22"
 SMOOTH = 20  # training games per point of the training-games curves (a moving mean)
 BARS = {"BreakoutNoFrameskip-v4": 5.0}  # every seed must end at least this many times the random policy's return
 RANDOM = {"epsilon": 1.0, "episodes": 30, "seed": 12345}
-# the protocol in SB3's terms: an update every 4 env steps = 1 vector step of 8 envs x 2 gradient steps
-SB3_SETTINGS = dict(SB3_AS_DQN_ATARI, buffer_size=100_000, learning_starts=20_000, batch_size=32, train_freq=1,
-                    gradient_steps=2, exploration_fraction=0.5)
+# the protocol in SB3's DQN arguments: dqn_atari.py's defaults, and an update every 4 env steps = 1 vector step of 8
+# envs x 2 gradient steps
+SB3_SETTINGS = dict(learning_rate=1e-4, tau=1.0, gamma=0.99, target_update_interval=1_000, exploration_initial_eps=1.0,
+                    exploration_final_eps=0.01, optimize_memory_usage=False, buffer_size=100_000,
+                    learning_starts=20_000, batch_size=32, train_freq=1, gradient_steps=2, exploration_fraction=0.5)
 SB3_RUN = dict(n_envs=8, total_timesteps=200_000, eval_every=50_000, eval_games=10, eval_epsilon=0.05)  # sb3_run's
 # a pause longer than this between two logged updates is an interruption, not training time (periodic evaluations
 # stay in, as in measure sps)
 GAP_S = 300.0
+
+
+def sb3_env(env_id: str, n_envs: int, seed: int) -> Any:
+    """ale-py's gymnasium env through SB3's own Atari wrappers (make_atari_env: AtariWrapper; VecFrameStack 4)."""
+    import ale_py
+    import gymnasium as gym
+    from stable_baselines3.common.env_util import make_atari_env
+    from stable_baselines3.common.vec_env import VecFrameStack
+    gym.register_envs(ale_py)
+    return VecFrameStack(make_atari_env(env_id, n_envs=n_envs, seed=seed), n_stack=4)
+
+
+def sb3_run(env_id: str, n_envs: int, seed: int, device: str, settings: dict[str, Any], total_timesteps: int,
+            eval_every: int = 0, eval_games: int = 10, eval_epsilon: float = 0.05) -> dict[str, Any]:
+    """One SB3 DQN run (call in a fresh process): (env step, wall time) where our scripts would log losses/td_loss
+    (every 100 updates after learning starts), SPS over them, and every `eval_every` env steps an evaluation of
+    `eval_games` full games (its Monitor's unclipped scores) at epsilon `eval_epsilon`, and the
+    (env step, score) of every training game, as our scripts log charts/episodic_return."""
+    import stable_baselines3
+    from stable_baselines3 import DQN
+    from stable_baselines3.common.callbacks import BaseCallback
+    model = DQN("CnnPolicy", sb3_env(env_id, n_envs, seed), device=device, seed=seed, verbose=0, **settings)
+    every = 100 * settings["train_freq"] * n_envs // settings["gradient_steps"]  # env steps per 100 updates
+    rng = np.random.default_rng(seed)
+    points: list[tuple[int, float]] = []
+    evals: list[list[float]] = []
+    games: list[list[float]] = []
+
+    def evaluate(step: int) -> float:
+        env, scores = sb3_env(env_id, 1, seed + 1_000_000 + step), []
+        obs = env.reset()
+        while len(scores) < eval_games:
+            action, _ = model.predict(obs, deterministic=True)
+            if rng.random() < eval_epsilon:
+                action = rng.integers(env.action_space.n, size=1)
+            obs, _, _, infos = env.step(action)
+            if "episode" in infos[0]:  # Monitor sits under AtariWrapper: a full game, unclipped
+                scores.append(infos[0]["episode"]["r"])
+        env.close()
+        return float(np.mean(scores))
+
+    class Callback(BaseCallback):
+        def _on_step(self) -> bool:
+            t = self.num_timesteps
+            games.extend([t, float(info["episode"]["r"])] for info in self.locals["infos"] if "episode" in info)
+            if t > settings["learning_starts"] and (t - settings["learning_starts"]) % every == 0:
+                points.append((t, time.time()))
+            if eval_every and t % eval_every == 0:
+                evals.append([t, evaluate(t)])
+                print(f"sb3 {env_id} seed {seed}: step {t:,}, eval {evals[-1][1]:.2f}", flush=True)
+            return True
+
+    start = time.perf_counter()
+    model.learn(total_timesteps=total_timesteps, callback=Callback())
+    wall_s = time.perf_counter() - start
+    model.get_env().close()
+    return {"version": stable_baselines3.__version__, "device": str(model.device), "settings": settings,
+            "wall_s": wall_s, "points": points, "training": sps_from_points(points), "evals": evals, "games": games}
+
 
 
 def grid_spec(env_id: str) -> GridSpec:

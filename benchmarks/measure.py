@@ -13,10 +13,7 @@ import tyro
 
 from benchmarks.common import (ATARI_SCRIPTS, CARTPOLE_SCRIPT, KB, REFERENCES, RESULTS_DIR, SCRIPTS, AtariScript,
                                Script, format_table, in_fresh_process, load_script, pick_device, read_summary,
-                               references_json, run_name_for, run_script, sps_from_points, timed_blocks, training_sps,
-                               write_json)
-
-LOG_EVERY = 100  # the scripts log losses/td_loss every 100 updates; SB3 is timed at the same env steps
+                               references_json, run_name_for, run_script, timed_blocks, training_sps, write_json)
 
 
 def timestamp_tag(prefix: str) -> str:
@@ -36,7 +33,7 @@ class AtariBenchConfig:
     train_frequency: int = 4  # env steps per gradient update
     buffer_size: Optional[int] = None  # replay capacity (default: total-timesteps: nothing is ever overwritten)
     max_episode_frames: int = 10_000  # frame cap of an episode (bounds the final 1-episode evaluation; training too)
-    num_envs: int = 1  # parallel envs of our scripts (SB3 always uses 1)
+    num_envs: int = 1  # parallel envs of the Atari scripts
     cuda: bool = False  # run on the GPU (--cuda to the scripts) instead of the CPU
     cudagraphs: bool = False  # --cudagraphs to the scripts (each update one CUDA graph; ignored on the CPU)
     compile: bool = False  # --compile to the scripts (torch.compile of the networks; ignored on the CPU)
@@ -253,173 +250,6 @@ class Memory:
                               "references": references_json([*peers, "dedup_replay_kb"])})
 
 
-def sb3_env(env_id: str, n_envs: int, seed: int) -> Any:
-    """ale-py's gymnasium env through SB3's own Atari wrappers (make_atari_env: AtariWrapper; VecFrameStack 4)."""
-    import ale_py
-    import gymnasium as gym
-    from stable_baselines3.common.env_util import make_atari_env
-    from stable_baselines3.common.vec_env import VecFrameStack
-    gym.register_envs(ale_py)
-    return VecFrameStack(make_atari_env(env_id, n_envs=n_envs, seed=seed), n_stack=4)
-
-
-def sb3_run(env_id: str, n_envs: int, seed: int, device: str, settings: dict[str, Any], total_timesteps: int,
-            eval_every: int = 0, eval_games: int = 10, eval_epsilon: float = 0.05) -> dict[str, Any]:
-    """One SB3 DQN run (call in a fresh process): (env step, wall time) where our scripts would log losses/td_loss
-    (every 100 updates after learning starts), SPS over them, replay bytes per transition, and every `eval_every` env
-    steps an evaluation of `eval_games` full games (its Monitor's unclipped scores) at epsilon `eval_epsilon`, and the
-    (env step, score) of every training game, as our scripts log charts/episodic_return."""
-    import stable_baselines3
-    from stable_baselines3 import DQN
-    from stable_baselines3.common.callbacks import BaseCallback
-    model = DQN("CnnPolicy", sb3_env(env_id, n_envs, seed), device=device, seed=seed, verbose=0, **settings)
-    every = LOG_EVERY * settings["train_freq"] * n_envs // settings["gradient_steps"]  # env steps per 100 updates
-    rng = np.random.default_rng(seed)
-    points: list[tuple[int, float]] = []
-    evals: list[list[float]] = []
-    games: list[list[float]] = []
-
-    def evaluate(step: int) -> float:
-        env, scores = sb3_env(env_id, 1, seed + 1_000_000 + step), []
-        obs = env.reset()
-        while len(scores) < eval_games:
-            action, _ = model.predict(obs, deterministic=True)
-            if rng.random() < eval_epsilon:
-                action = rng.integers(env.action_space.n, size=1)
-            obs, _, _, infos = env.step(action)
-            if "episode" in infos[0]:  # Monitor sits under AtariWrapper: a full game, unclipped
-                scores.append(infos[0]["episode"]["r"])
-        env.close()
-        return float(np.mean(scores))
-
-    class Callback(BaseCallback):
-        def _on_step(self) -> bool:
-            t = self.num_timesteps
-            games.extend([t, float(info["episode"]["r"])] for info in self.locals["infos"] if "episode" in info)
-            if t > settings["learning_starts"] and (t - settings["learning_starts"]) % every == 0:
-                points.append((t, time.time()))
-            if eval_every and t % eval_every == 0:
-                evals.append([t, evaluate(t)])
-                print(f"sb3 {env_id} seed {seed}: step {t:,}, eval {evals[-1][1]:.2f}", flush=True)
-            return True
-
-    start = time.perf_counter()
-    model.learn(total_timesteps=total_timesteps, callback=Callback())
-    wall_s = time.perf_counter() - start
-    rb = model.replay_buffer
-    # SB3 allocates with np.zeros (pages committed on first write); nbytes is the size it will reach when full
-    arrays = {k: v for k, v in vars(rb).items() if isinstance(v, np.ndarray)}
-    total = sum(v.nbytes for v in arrays.values())
-    model.get_env().close()
-    return {"version": stable_baselines3.__version__, "device": str(model.device), "torch_threads":
-            torch.get_num_threads(), "settings": settings, "wall_s": wall_s, "points": points,
-            "training": sps_from_points(points), "evals": evals, "games": games,
-            "replay": {"capacity": rb.buffer_size, "bytes": total, "bytes_per_transition": total / rb.buffer_size,
-                       "arrays": {k: [list(v.shape), str(v.dtype), v.nbytes] for k, v in arrays.items()}}}
-
-
-# dqn_atari.py's defaults, in SB3's DQN arguments; a configuration adds the buffer, the schedule and the batches
-SB3_AS_DQN_ATARI = dict(learning_rate=1e-4, tau=1.0, gamma=0.99, target_update_interval=1_000,
-                        exploration_initial_eps=1.0, exploration_final_eps=0.01, optimize_memory_usage=False)
-
-
-@dataclass
-class Sb3Compare(AtariBenchConfig):
-    """SB3's DQN and our Atari script, same config and machine: SPS and replay bytes -> results/sb3_compare.json."""
-
-    script: AtariScript = "dqn_atari.py"  # our Atari script to compare
-    out: Optional[Path] = None  # the JSON file (default: {out-dir}/sb3_compare.json)
-
-    def run(self) -> None:
-        if self.num_envs != 1:
-            print(f"note: ours runs {self.num_envs} envs, SB3 1: the ratio then compares setups, not implementations")
-        device = pick_device(self.cuda).type
-        run_name = run_name_for(self.env_id, self.script, self.seed, timestamp_tag("sb3cmp"))
-        ours = measure_script_sps(self.script, self.script_flags(run_name), run_name, self.out_dir / "sb3_compare")
-        print("$ SB3 DQN in a fresh process", flush=True)
-        settings = dict(SB3_AS_DQN_ATARI, buffer_size=self.buffer_size, learning_starts=self.learning_starts,
-                        batch_size=self.batch_size, train_freq=self.train_frequency, gradient_steps=1,
-                        exploration_fraction=0.1)
-        sb3 = in_fresh_process(sb3_run, self.env_id, 1, self.seed, device, settings, self.total_timesteps)
-        our_memory = in_fresh_process(replay_bytes, self.script, self.buffer_size, self.num_envs, 1_000_000)
-        ratio = ours["training"]["sps"] / sb3["training"]["sps"]
-        print(f"\n{self.env_id}, batch {self.batch_size}, train every {self.train_frequency}, "
-              f"{self.total_timesteps:,} steps, learning starts {self.learning_starts:,}, buffer "
-              f"{self.buffer_size:,}, {device}:")
-        print(format_table(["implementation", "envs", "device", "training SPS", "replay KB/transition"],
-                           [[self.script, self.num_envs, device, ours["training"]["sps"],
-                             our_memory["bytes_per_transition"] / KB],
-                            [f"SB3 {sb3['version']} DQN", 1, sb3["device"], sb3["training"]["sps"],
-                             sb3["replay"]["bytes_per_transition"] / KB]], digits=2))
-        print(f"ours / SB3: {ratio:.2f}x SPS, "
-              f"{sb3['replay']['bytes_per_transition'] / our_memory['bytes_per_transition']:.1f}x less replay memory")
-        write_json(self.out or self.out_dir / "sb3_compare.json",
-                   {"config": {k: v for k, v in asdict(self).items() if k != "out"},
-                    "ours": {**ours, "replay": our_memory}, "sb3": sb3, "sps_ratio_ours_over_sb3": ratio})
-
-
-@dataclass
-class PerCost:
-    """PER sample + priority update cost at 1M, with the script's SumTree and ReplayBuffer -> results/per_cost*.json."""
-
-    capacity: int = 1_000_000  # transitions (leaves of the sum tree)
-    batch_sizes: tuple[int, ...] = (32, 512)  # batch sizes to time
-    cuda: bool = False  # time on the GPU (refused when there is none)
-    full_buffer: bool = True  # also time a full ReplayBuffer of `capacity` transitions (its RAM or GPU memory)
-    warmup: int = 20  # untimed batches first
-    iters: int = 200  # timed batches
-    out: Optional[Path] = None  # the JSON file (default: results/per_cost.json, or per_cost_cuda.json with --cuda)
-
-    def measure(self, device: torch.device, num_envs: int = 8) -> list[dict[str, Any]]:
-        """The sum tree alone, the full buffer (made full through its state_dict), and add of one vector step of
-        `num_envs` envs (the scripts' default)."""
-        mod = load_script(ATARI_SCRIPTS[1])
-        torch.manual_seed(0)
-        rows: list[dict[str, Any]] = []
-
-        def priorities(n: int) -> torch.Tensor:
-            return torch.rand(n, dtype=torch.float64, device=device) + 1e-3
-
-        def time_it(what: str, leaves: int, batch_size: int, step: Callable[[], Any]) -> None:
-            rows.append({"what": what, "capacity": self.capacity, "leaves": leaves, "batch_size": batch_size,
-                         "device": str(device), "seconds": timed_blocks(step, self.warmup, self.iters)[0]})
-
-        tree = mod.SumTree(self.capacity, device)
-        tree.set(torch.arange(self.capacity, device=device), priorities(self.capacity))
-        for b in self.batch_sizes:
-            time_it("tree", tree.size, b, lambda new=priorities(b): tree.set(tree.sample(b), new))
-        tree = None  # frees it before the full buffer
-        if self.full_buffer:
-            rb = mod.ReplayBuffer(self.capacity, num_envs, device, device, mod.Args().gamma)
-            # made full through its public checkpoint methods: every slot a transition, then random priorities
-            state = rb.state_dict()
-            state["firsts"].zero_()
-            state["count"] = rb.per_env
-            rb.load_state_dict(state)
-            # every slot but the 4 oldest of each env, which lost frames of their stack to the ring (priority 0)
-            slots = (torch.arange(num_envs, device=device)[:, None] * rb.per_env
-                     + torch.arange(4, rb.per_env, device=device)).ravel()
-            rb.update_priorities(slots, priorities(len(slots)))
-            for b in self.batch_sizes:
-                td_errors = torch.randn(b, device=device)
-                time_it("buffer", rb.tree.size, b, lambda: rb.update_priorities(rb.sample(b, 0.4).indices, td_errors))
-            frames = np.zeros((num_envs, 84, 84), dtype=np.uint8)
-            zeros, firsts = np.zeros(num_envs, dtype=np.float32), np.zeros(num_envs, dtype=bool)
-            time_it("add", rb.tree.size, num_envs, lambda: rb.add(frames, zeros, zeros, zeros, firsts, firsts))
-        return rows
-
-    def run(self) -> None:
-        device = pick_device(self.cuda)
-        rows = self.measure(device)
-        print(f"PER cost per batch, {ATARI_SCRIPTS[1]}, capacity {self.capacity:,} ({device}, "
-              f"{torch.get_num_threads()} threads):")
-        print(format_table(["what", "leaves", "batch", "ms per batch (sample + priority update; add: one vector step)"],
-                           [[r["what"], r["leaves"], r["batch_size"], 1e3 * r["seconds"]] for r in rows], digits=3))
-        out = self.out or RESULTS_DIR / ("per_cost_cuda.json" if self.cuda else "per_cost.json")
-        write_json(out, {"config": {"capacity": self.capacity, "batch_sizes": list(self.batch_sizes),
-                                    "warmup": self.warmup, "iters": self.iters}, "rows": rows})
-
-
 def solve_result(seed: int, run_name: str, wall_s: float, summary: dict[str, Any]) -> dict[str, Any]:
     """One seed's row, from the run's summary.json."""
     solved = summary.get("goal_reached_step") is not None
@@ -476,8 +306,7 @@ class CartpoleSolve:
                     "summary": summary, "references": references_json(references)})
 
 
-COMMANDS = {"sps": Sps, "update-cost": UpdateCost, "memory": Memory, "sb3-compare": Sb3Compare, "per-cost": PerCost,
-            "cartpole-solve": CartpoleSolve}
+COMMANDS = {"sps": Sps, "update-cost": UpdateCost, "memory": Memory, "cartpole-solve": CartpoleSolve}
 
 if __name__ == "__main__":
     tyro.extras.subcommand_cli_from_dict(COMMANDS).run()

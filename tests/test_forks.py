@@ -89,9 +89,3 @@ def test_n_step_targets_stop_at_a_life_loss_a_truncation_and_a_game_start(tmp_pa
         assert td_target[i].item() == pytest.approx(target, abs=1e-6), p
         assert batch.next_observations[i, -1, 0, 0].item() == bootstrap_slot, p
         assert batch.observations[i, -1, 0, 0].item() == p - 1 and batch.actions[i].item() == p % 2
-
-
-@pytest.mark.parametrize("name", list(FORKS))
-def test_the_readme_shows_each_recipe_as_it_is(name):
-    patch = (ROOT / "forks" / f"{name}.patch").read_text()
-    assert patch[patch.index("@@"):] in (ROOT / "README.md").read_text()

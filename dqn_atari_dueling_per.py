@@ -844,7 +844,7 @@ def validate_args(args: Args) -> None:
              ("in [0, 2^32)", lambda v: 0 <= v < 2**32, "seed")]
     for rule, ok, names in rules:
         for name in (name for name in names.split() if not ok(getattr(args, name))):
-            fail(f"--{name.replace('_', '-')} must be {rule}, got {getattr(args, name)}")
+            fail(f"--{name.replace('_', '-')} must be {rule}, got {str(getattr(args, name))[:40]}")
     for flag, name in [("--exp-name", args.exp_name), ("--run-name", args.run_name)]:
         if name is not None and not (re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=+-]{0,99}", name) and ".." not in name):
             fail(f"{flag} {name!r} must be a plain name of at most 100 letters, digits and . _ = + -")

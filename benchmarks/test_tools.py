@@ -543,6 +543,18 @@ def test_replay_bytes_matches_the_scripts_bytes_needed(script):
 
 
 @pytest.mark.parametrize("script", common.ATARI_SCRIPTS)
-def test_update_cost_harness_takes_updates(script):
+def test_update_cost_harness_takes_updates(script, monkeypatch):
+    """Each timed call is one real update of the script's own train_step: it moves the online network."""
+    mod, steps = common.load_script(script), []
+    train_step = mod.train_step
+
+    def counted(q_network, *rest):
+        before = [p.detach().clone() for p in q_network.parameters()]
+        stats = train_step(q_network, *rest)
+        steps.append(any(not torch.equal(b, p) for b, p in zip(before, q_network.parameters())))
+        return stats
+    monkeypatch.setattr(mod, "train_step", counted)
+    monkeypatch.setattr(measure, "load_script", lambda name: mod)
     result = measure.UpdateCost(script, capacity=64, iters=2).measure(warmup=1, blocks=2)
     assert result["iters"] == 2 and result["seconds_per_update"] > 0 and result["n_actions"] == 4
+    assert len(steps) >= 1 + 2 and all(steps)  # the warm-up and the timed ones (Timer adds its own warm-up calls)

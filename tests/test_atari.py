@@ -460,6 +460,10 @@ def test_smoke_run_updates_and_syncs(script, smoke):
     assert summary["final_eval_return"] == summary["best_eval_return"] == pytest.approx(eval_return)
     assert summary["env_steps_this_process"] == 1200 and summary["training_sps"] > 0 and summary["wall_s"] > 0
     assert summary["args"]["total_timesteps"] == 1200 and summary["script"] == f"{script}.py"
+    # step 1200 updates, then syncs: the final checkpoint's target is its trained network (tests/test_rules.py checks
+    # every sync of a tiny run; target_syncs only counts them)
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert all(torch.equal(state["target_model"][k], v) for k, v in state["model"].items())
     if script == "dqn_atari_dueling_per":  # the importance-sampling exponent anneals from beta0 towards 1
         beta = [v for _, v in read_scalars(run_dir, "charts/beta")]
         assert beta == sorted(beta) and 0.4 < beta[0] < beta[-1] < 1

@@ -539,6 +539,11 @@ def validate_args(args: Args) -> None:
         fail(f"--buffer-size ({args.buffer_size}) must be >= --batch-size ({args.batch_size}) and --num-envs")
     if args.play:
         return
+    if args.track and os.environ.get("WANDB_MODE") not in ("offline", "disabled", "dryrun"):
+        import wandb  # before any long work: the replay's allocation, the envs
+
+        if not wandb.login(prompt=False, verify=False):
+            fail("--track needs a W&B login: run `wandb login`, or set WANDB_MODE=offline to sync later")
     if args.learning_starts >= args.total_timesteps:
         fail(f"--learning-starts ({args.learning_starts}) must be < --total-timesteps ({args.total_timesteps})")
     if args.total_timesteps // args.train_frequency == args.learning_starts // args.train_frequency:
@@ -599,11 +604,6 @@ def open_run_dir(args: Args, checkpoint: Optional[dict]):
     kernel however the process ends). A run never takes a folder that holds another run's checkpoint."""
     args.run_name = args.run_name or f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{time.time():.0f}"
     run_dir = os.path.join("runs", args.run_name)
-    if args.track and os.environ.get("WANDB_MODE") not in ("offline", "disabled", "dryrun"):
-        import wandb
-
-        if not wandb.login(prompt=False, verify=False):
-            fail("--track needs a W&B login: run `wandb login`, or set WANDB_MODE=offline to sync later")
     try:
         os.makedirs(run_dir, exist_ok=True)
         lock = open(f"{run_dir}/lock", "a+")

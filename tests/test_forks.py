@@ -35,8 +35,8 @@ def test_a_fork_recipe_applies_with_its_hunks_and_trains(name, tmp_path):
     assert finished_counts(tmp_path / "runs/fork") == {"steps": 1200, "updates": 200, "target_syncs": 4}
 
 
-class FixedQ(torch.nn.Module):
-    """Q(s', .) whose max is the newest frame's tag / 100, so a target shows which stack it bootstrapped from."""
+class NewestTag(torch.nn.Module):
+    """Q(s, .) = (tag of the newest frame / 100, 0): a TD target shows the stack it bootstrapped from."""
 
     def forward(self, x):
         return torch.stack([x[:, -1, 0, 0].float() / 100, torch.zeros(len(x))], dim=1)
@@ -83,7 +83,7 @@ def test_n_step_targets_stop_at_a_life_loss_a_truncation_and_a_game_start(tmp_pa
     batch = rb.sample(512)
     slots = batch.indices.tolist()
     assert set(slots) == set(sampleable)  # never a first, never a slot whose 3 steps are not all stored
-    td_target, _, _ = fork.td_terms(FixedQ(), FixedQ(), batch)
+    td_target, _, _ = fork.td_terms(NewestTag(), NewestTag(), batch)
     for i, p in enumerate(slots):
         target, bootstrap_slot = hand[p]
         assert td_target[i].item() == pytest.approx(target, abs=1e-6), p

@@ -6,7 +6,6 @@ import copy
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 
 from helpers import load_script
 
@@ -130,26 +129,6 @@ def test_dueling_head_advantages_have_zero_mean():
     # mean_a Q(s, a) = V(s) because the advantages are centred
     assert torch.allclose(q_values.mean(dim=1), value, atol=1e-5)
     assert q_values.std(dim=1).min() > 0  # and the actions still differ
-
-
-class FixedQ(nn.Module):
-    def __init__(self, values):
-        super().__init__()
-        self.values = torch.tensor(values)
-
-    def forward(self, x):
-        return self.values
-
-
-def test_double_target_uses_the_online_argmax_and_target_value():
-    online = FixedQ([[1.0, 5.0, 2.0], [3.0, 0.0, 9.0]])  # argmax: action 1, action 2
-    target = FixedQ([[7.0, 2.0, 4.0], [1.0, 8.0, 6.0]])  # its own max would be 7 and 8
-    rewards, discounts = torch.tensor([1.0, -1.0]), torch.full((2,), 0.5)  # rewards as the replay stores them
-    dones = torch.tensor([0.0, 0.0])
-    y = per.compute_td_target(online, target, rewards, torch.zeros(2, 4, 84, 84), dones, discounts)
-    assert torch.allclose(y, torch.tensor([1 + 0.5 * 2.0, -1 + 0.5 * 6.0]))
-    y = per.compute_td_target(online, target, rewards, torch.zeros(2, 4, 84, 84), torch.tensor([1.0, 0.0]), discounts)
-    assert y[0] == 1.0  # a terminal transition does not bootstrap
 
 
 @pytest.mark.parametrize("storage, device", PLACEMENTS)

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from helpers import SCRIPTS, load_script
 from test_atari import record_main
-from test_forks import apply_fork
+from test_forks import NewestTag, apply_fork
 
 ATARI = ["dqn_atari", "dqn_atari_dueling_per"]
 CPU = torch.device("cpu")
@@ -279,13 +279,6 @@ def tagged_replay(dqn, steps, gamma=0.7):
     return rb
 
 
-class NewestTag(nn.Module):
-    """Q(s, .) = (tag of the newest frame / 100, 0): a TD target shows the stack it bootstrapped from."""
-
-    def forward(self, x):
-        return torch.stack([x[:, -1, 0, 0].float() / 100, torch.zeros(len(x))], dim=1)
-
-
 @pytest.mark.parametrize("script", ATARI)
 def test_the_atari_replay_clips_rewards_and_bootstraps_a_truncation(script):
     dqn = load_script(script)
@@ -398,6 +391,8 @@ def test_the_double_target_takes_the_online_argmax_and_the_target_value():
                        dones=torch.zeros(2), discounts=torch.full((2,), 0.5))
     td_target, _, _ = dqn.td_terms(online, target, batch)
     assert td_target.tolist() == pytest.approx([1 + 0.5 * 2.0, -1 + 0.5 * 6.0])
+    td_target, _, _ = dqn.td_terms(online, target, batch._replace(dones=torch.tensor([1.0, 0.0])))
+    assert td_target.tolist() == pytest.approx([1, -1 + 0.5 * 6.0])  # a terminal row does not bootstrap
 
 
 # ---------------------------------------------------------------- PER: the loss and the priorities written back

@@ -93,9 +93,10 @@ def test_target_sync_hard_and_soft():
 
 # ---------------------------------------------------------------- autoreset and truncation, end to end
 class CountingEnv(gym.Env):
-    """obs = [episode, t]; even episodes terminate at t = 5, odd ones run into the TimeLimit at t = 7."""
+    """obs = [episode, t, the action just taken (-1 after a reset)]; reward t; even episodes terminate at t = 5, odd
+    ones run into the TimeLimit at t = 7 (tests/test_rules.py reads the action)."""
 
-    observation_space = gym.spaces.Box(-np.inf, np.inf, (2,), np.float32)
+    observation_space = gym.spaces.Box(-np.inf, np.inf, (3,), np.float32)
     action_space = gym.spaces.Discrete(2)
 
     def __init__(self):
@@ -104,14 +105,14 @@ class CountingEnv(gym.Env):
     def reset(self, *, seed=None, options=None):
         super().reset(seed=seed)
         self.episode, self.t = self.episode + 1, 0
-        return self._obs(), {}
+        return self._obs(-1), {}
 
     def step(self, action):
         self.t += 1
-        return self._obs(), float(self.t), self.episode % 2 == 0 and self.t == 5, False, {}
+        return self._obs(action), float(self.t), self.episode % 2 == 0 and self.t == 5, False, {}
 
-    def _obs(self):
-        return np.array([self.episode, self.t], dtype=np.float32)
+    def _obs(self, action):
+        return np.array([self.episode, self.t, action], dtype=np.float32)
 
 
 gym.register("tests/Counting-v0", entry_point=CountingEnv, max_episode_steps=7)

@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from helpers import SCRIPTS, load_script
 from test_atari import record_main
+from test_cartpole import CountingEnv  # noqa: F401  (registers tests/Counting-v0)
 from test_forks import NewestTag, apply_fork
 
 ATARI = ["dqn_atari", "dqn_atari_dueling_per"]
@@ -293,45 +294,21 @@ def test_the_atari_replay_clips_rewards_and_bootstraps_a_truncation(script):
     assert td_target.tolist() == pytest.approx([1 + 0.7 * 0.01, -1, 1 + 0.7 * 0.04, -1 + 0.7 * 0.06])
 
 
-class EchoEnv(gym.Env):
-    """obs = [episode, t, the last action]; reward = the action. Episodes end at t = 4: by termination when even,
-    by truncation when odd."""
-
-    observation_space = gym.spaces.Box(-np.inf, np.inf, (3,), np.float32)
-    action_space = gym.spaces.Discrete(2)
-
-    def __init__(self):
-        self.episode = -1
-
-    def reset(self, *, seed=None, options=None):
-        super().reset(seed=seed)
-        self.episode, self.t = self.episode + 1, 0
-        return np.array([self.episode, 0, -1], dtype=np.float32), {}
-
-    def step(self, action):
-        self.t += 1
-        end = self.t == 4
-        obs = np.array([self.episode, self.t, action], dtype=np.float32)
-        return obs, float(action), end and self.episode % 2 == 0, end and self.episode % 2 == 1, {}
-
-
-gym.register("tests/Echo-v0", entry_point=EchoEnv)
-
-
 def test_the_cartpole_replay_stores_the_executed_action_and_only_terminations_as_dones(tmp_path, monkeypatch):
     dqn = load_script("dqn_cartpole")
-    quiet_main(dqn, monkeypatch, tmp_path, env_id="tests/Echo-v0", num_envs=2, total_timesteps=60, learning_starts=50,
-               buffer_size=100, batch_size=4, start_e=0.5, end_e=0.5)
+    quiet_main(dqn, monkeypatch, tmp_path, env_id="tests/Counting-v0", num_envs=2, total_timesteps=60,
+               learning_starts=50, buffer_size=100, batch_size=4, start_e=0.5, end_e=0.5)
     replay = torch.load(tmp_path / "runs/r/checkpoint.pt", weights_only=True)["replay_buffer"]
     n = replay["size"]
     obs, next_obs = replay["observations"][:n], replay["next_observations"][:n]
     actions, rewards, terminations = replay["actions"][:n], replay["rewards"][:n], replay["terminations"][:n]
     assert torch.equal(next_obs[:, :2], obs[:, :2] + torch.tensor([0.0, 1.0]))  # one step of one episode each
-    assert torch.equal(actions.float(), next_obs[:, 2]) and torch.equal(rewards, next_obs[:, 2])  # the env's action
+    assert torch.equal(actions.float(), next_obs[:, 2]) and torch.equal(rewards, next_obs[:, 1])  # what the env did
     assert set(actions.tolist()) == {0, 1}
-    ended = next_obs[:, 1] == 4
-    assert torch.equal(terminations, ended & (next_obs[:, 0] % 2 == 0))  # a truncation is not a done
-    assert (ended & ~terminations).any()
+    terminal = (next_obs[:, 0] % 2 == 0) & (next_obs[:, 1] == 5)
+    truncated = (next_obs[:, 0] % 2 == 1) & (next_obs[:, 1] == 7)  # the TimeLimit's
+    assert torch.equal(terminations, terminal)  # a truncation is not a done
+    assert terminal.any() and truncated.any()
 
 
 def test_the_atari_replay_stores_what_the_env_did_the_serve_included(tmp_path, monkeypatch):
